@@ -8,12 +8,12 @@ enlarged and a crop never inherits the blur of an earlier downscaled view.
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
+import weakref
 from dataclasses import dataclass
 
 from PIL import Image
 
+from envs.cache import IMAGE_CACHE
 from envs.geometry import Box, Size, original_to_region, region_to_original
 
 RESAMPLING: dict[str, Image.Resampling] = {
@@ -24,10 +24,6 @@ RESAMPLING: dict[str, Image.Resampling] = {
 }
 """Resampling filters by name: ``"bicubic"`` (default, what Qwen's processor uses), ``"lanczos"``
 (sharpest), ``"nearest"`` (parity with the MGPO reference code)."""
-
-VIEW_CACHE_SIZE = 32
-"""Resized views kept (about 3 MB each at the default budget): the rollouts of a group share the
-whole-image view and any crop of the same region instead of resampling the original again."""
 
 MAX_ASPECT_RATIO = 200.0
 """Qwen's smart resize rejects images whose long side exceeds 200x the short side; no shown size does."""
@@ -232,26 +228,24 @@ def make_view(
     return image, info
 
 
-_view_cache: OrderedDict[tuple, tuple[Image.Image, Image.Image]] = OrderedDict()
-_view_cache_lock = threading.Lock()
-
-
 def _resized(original: Image.Image, box: tuple[float, ...], shown: Size, resample: str) -> Image.Image:
-    """``original.resize(shown, filter, box=box)`` as RGB, through a small LRU cache.
+    """``original.resize(shown, filter, box=box)`` as RGB, shared through `envs.cache.IMAGE_CACHE`.
 
-    The key holds ``id(original)`` and the value holds ``original`` itself, so the id cannot be reused
-    by another image while the entry lives. Returned images are shared: treat them as read-only.
+    The rollouts of a group share the whole-image view and any crop of the same region instead of
+    resampling the original again. A view is charged to the one image budget at its own bytes, and
+    its entry holds only a weak reference to ``original``, so a cached view never keeps a decoded
+    original alive outside that budget. The key holds ``id(original)``; the weak reference tells the
+    live original from a dead one whose id was reused. Returned images are shared: treat them as
+    read-only.
     """
-    key = (id(original), tuple(box), shown, resample)
-    with _view_cache_lock:
-        if key in _view_cache:
-            _view_cache.move_to_end(key)
-            return _view_cache[key][1]
-    image = original.resize(shown, RESAMPLING[resample], box=box)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    with _view_cache_lock:
-        _view_cache[key] = (original, image)
-        while len(_view_cache) > VIEW_CACHE_SIZE:
-            _view_cache.popitem(last=False)
+    key = ("view", id(original), tuple(box), shown, resample)
+
+    def resize() -> tuple[weakref.ref, Image.Image]:
+        image = original.resize(shown, RESAMPLING[resample], box=box)
+        return weakref.ref(original), image if image.mode == "RGB" else image.convert("RGB")
+
+    source, image = IMAGE_CACHE.get_or_compute(key, resize)
+    if source() is not original:
+        IMAGE_CACHE.discard(key)
+        source, image = IMAGE_CACHE.get_or_compute(key, resize)
     return image

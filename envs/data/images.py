@@ -20,18 +20,18 @@ Public API:
 Sources: a path, encoded bytes, a PIL image, or an `ImageRef` (one cell of a parquet/TSV/jsonl
 file, read by `envs.data.tables.read_image_ref` only when the image is needed).
 
-Cache. Decoded images live in one process-wide, thread-safe LRU cache keyed by the image source:
-a path by (resolved path, mtime, size), encoded bytes by a BLAKE2b digest, a PIL image by its
-identity, an `ImageRef` by (table path, its mtime and size when loaded, row, column). The encoded
-bytes read through an `ImageRef` are cached too (charged at their length), so the header read, the
-draft view and the full decode of one sample read its cell once. Its capacity is a budget of decoded
-bytes (width * height * 3 per RGB image), default
-1 GiB (about ten 8K images, or a hundred 2940 x 2940 synthetic canvases), set by the environment
-variable ``ZOOMGYM_IMAGE_CACHE_MB`` at import or by `set_image_cache_capacity(max_bytes)` at run time;
-0 turns caching off (every call decodes). The most recently used image is always kept, even when it
-alone exceeds the budget, so a group of rollouts over one huge image still shares one decode.
-Concurrent requests for the same source wait for a single decode. Returned images are shared:
-treat them as read-only (``crop``/``resize`` return new images).
+Cache. Decoded images live in the process-wide `envs.cache.IMAGE_CACHE`, keyed by the image
+source: a path by (resolved path, mtime, size), encoded bytes by a BLAKE2b digest, a PIL image by
+its identity, an `ImageRef` by (table path, its mtime and size when loaded, row, column). The
+encoded bytes read through an `ImageRef` are cached too, so the header read, the draft view and the
+full decode of one sample read its cell once. The same cache holds the env's resized views
+(`envs.views`), so one budget bounds every decoded pixel kept: default 1 GiB (about seven 8K
+images, or thirty 2940 x 2940 synthetic canvases, at Pillow's 4 bytes per RGB pixel), set by the
+environment variable ``ZOOMGYM_IMAGE_CACHE_MB`` at import or by `set_image_cache_capacity(max_bytes)`
+at run time; 0 turns caching off (every call decodes). The most recently used value is always kept,
+even when it alone exceeds the budget, so a group of rollouts over one huge image still shares one
+decode. Concurrent requests for the same source wait for a single decode. Returned images are
+shared: treat them as read-only (``crop``/``resize`` return new images).
 
 Decompression-bomb limit. Pillow refuses images above ``2 * Image.MAX_IMAGE_PIXELS`` pixels and
 warns above ``MAX_IMAGE_PIXELS``. Importing this module sets ``MAX_IMAGE_PIXELS`` to
@@ -43,23 +43,18 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import threading
-from collections import OrderedDict
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import ExifTags, Image
 
+from envs.cache import IMAGE_CACHE, CacheInfo
 from envs.data.sample import ImageRef, Sample
 from envs.data.tables import read_image_ref
 
 MAX_IMAGE_PIXELS = 16384 * 16384
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-
-DEFAULT_CACHE_BYTES = 1 << 30
 
 # EXIF orientations 5-8 swap width and height.
 _SWAPS_AXES = {5, 6, 7, 8}
@@ -95,149 +90,21 @@ class ViewSource(NamedTuple):
     original_size: tuple[int, int]
 
 
-class CacheInfo(NamedTuple):
-    """Counters of the image cache: ``decodes`` counts full and draft decodes (cache misses)."""
-
-    hits: int
-    decodes: int
-    entries: int
-    bytes: int
-    max_bytes: int
-
-
-class _LRUCache:
-    """Thread-safe LRU of decoded images under a byte budget, with single-flight decoding."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
-        self._pending: dict[tuple, Future] = {}
-        self._bytes = 0
-        self.max_bytes = max_bytes
-        self.hits = 0
-        self.decodes = 0
-
-    def get_or_decode(self, key: tuple, decode: Any, counts_as_decode: bool = True) -> Any:
-        """Returns the cached value for ``key``, else ``decode()`` (run once however many threads ask).
-
-        ``counts_as_decode=False`` marks header reads, which `CacheInfo.decodes` does not count.
-        """
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return self._entries[key][0]
-            pending = self._pending.get(key)
-            if pending is None:
-                self.decodes += counts_as_decode
-                if self.max_bytes > 0:
-                    self._pending[key] = Future()
-        if pending is not None:
-            # Another thread is decoding this source: share its result (or its error).
-            with self._lock:
-                self.hits += 1
-            return pending.result()
-        try:
-            value = decode()
-        except BaseException as error:
-            self._finish(key, error=error)
-            raise
-        self._finish(key, value=value)
-        return value
-
-    def peek(self, key: tuple) -> Any | None:
-        """The cached value for ``key`` or None; never decodes."""
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return self._entries[key][0]
-        return None
-
-    def _finish(self, key: tuple, value: Any = None, error: BaseException | None = None) -> None:
-        with self._lock:
-            future = self._pending.pop(key, None)
-            if error is None and self.max_bytes > 0:
-                size = _nbytes(value)
-                self._entries[key] = (value, size)
-                self._bytes += size
-                self._evict()
-        if future is not None:
-            if error is None:
-                future.set_result(value)
-            else:
-                future.set_exception(error)
-
-    def _evict(self) -> None:
-        # Keep the newest entry even when it alone is over budget.
-        while self._bytes > self.max_bytes and len(self._entries) > 1:
-            _, (_, size) = self._entries.popitem(last=False)
-            self._bytes -= size
-
-    def resize(self, max_bytes: int) -> None:
-        with self._lock:
-            self.max_bytes = max_bytes
-            if max_bytes <= 0:
-                self._entries.clear()
-                self._bytes = 0
-            else:
-                self._evict()
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-            self.hits = 0
-            self.decodes = 0
-
-    def info(self) -> CacheInfo:
-        with self._lock:
-            return CacheInfo(self.hits, self.decodes, len(self._entries), self._bytes, self.max_bytes)
-
-
-def _nbytes(value: Any) -> int:
-    """Decoded bytes held by a cache value (a ViewSource, an image, or a tuple of such)."""
-    if isinstance(value, Image.Image):
-        return value.width * value.height * len(value.getbands())
-    if isinstance(value, ViewSource):
-        return _nbytes(value.image)
-    if isinstance(value, bytes):
-        return len(value)
-    if isinstance(value, tuple) and any(isinstance(v, Image.Image) for v in value):
-        return sum(_nbytes(v) for v in value if isinstance(v, Image.Image))
-    # Header facts (sizes, orientation): charge a nominal footprint so they too stay bounded.
-    return 512
-
-
-def _capacity_from_env() -> int:
-    raw = os.environ.get("ZOOMGYM_IMAGE_CACHE_MB")
-    if raw is None:
-        return DEFAULT_CACHE_BYTES
-    try:
-        megabytes = float(raw)
-    except ValueError:
-        raise ValueError(f"Expects ZOOMGYM_IMAGE_CACHE_MB to be a number of MiB, actual: {raw!r}") from None
-    return int(megabytes * (1 << 20))
-
-
-_CACHE = _LRUCache(_capacity_from_env())
-
-
 def set_image_cache_capacity(max_bytes: int) -> None:
     """Sets the cache budget in decoded bytes (0 disables caching); evicts down to it now."""
     if not isinstance(max_bytes, int) or max_bytes < 0:
         raise ValueError(f"Expects max_bytes to be an int >= 0, actual: {max_bytes!r}")
-    _CACHE.resize(max_bytes)
+    IMAGE_CACHE.resize(max_bytes)
 
 
 def clear_image_cache() -> None:
     """Drops every cached image and resets the counters of `image_cache_info`."""
-    _CACHE.clear()
+    IMAGE_CACHE.clear()
 
 
 def image_cache_info() -> CacheInfo:
     """Hits, decodes, entries, bytes held and the budget of the image cache."""
-    return _CACHE.info()
+    return IMAGE_CACHE.info()
 
 
 def _describe(sample: Sample) -> str:
@@ -294,7 +161,7 @@ def _read_ref(sample: Sample) -> bytes:
         except (OSError, ValueError) as error:
             raise _fail(sample, str(error)) from error
 
-    return _CACHE.get_or_decode(_source_key(sample) + ("encoded",), read, counts_as_decode=False)
+    return IMAGE_CACHE.get_or_compute(_source_key(sample) + ("encoded",), read)
 
 
 def _open(sample: Sample) -> Image.Image:
@@ -383,9 +250,11 @@ def load_image(sample: Sample) -> Image.Image:
         if source.mode == "RGB" and _orientation(source) == 1:
             return source  # already what we would produce: no copy, no cache entry
         # Cache (source, converted): holding the source keeps its id from being reused.
-        pair = _CACHE.get_or_decode(_source_key(sample), lambda: (source, _finish_decode(sample, source)))
+        pair = IMAGE_CACHE.get_or_compute(
+            _source_key(sample), lambda: (source, _finish_decode(sample, source)), counts_as_decode=True
+        )
         return pair[1]
-    return _CACHE.get_or_decode(_source_key(sample) + ("full",), lambda: _decode_full(sample))
+    return IMAGE_CACHE.get_or_compute(_source_key(sample) + ("full",), lambda: _decode_full(sample), counts_as_decode=True)
 
 
 def image_size(sample: Sample) -> tuple[int, int]:
@@ -395,7 +264,7 @@ def image_size(sample: Sample) -> tuple[int, int]:
         w, h = source.size
         return (h, w) if _orientation(source) in _SWAPS_AXES else (w, h)
     key = _source_key(sample)
-    full = _CACHE.peek(key + ("full",))
+    full = IMAGE_CACHE.peek(key + ("full",))
     if full is not None:
         return full.size
 
@@ -404,7 +273,7 @@ def image_size(sample: Sample) -> tuple[int, int]:
             w, h = image.size
             return (h, w) if _orientation(image, header_only=True) in _SWAPS_AXES else (w, h)
 
-    return _CACHE.get_or_decode(key + ("size",), read_header, counts_as_decode=False)
+    return IMAGE_CACHE.get_or_compute(key + ("size",), read_header)
 
 
 def _draft_box(
@@ -480,7 +349,9 @@ def load_view_source(sample: Sample, target_size: tuple[int, int]) -> ViewSource
         # The choice depends only on the file and the target, never on what is cached, so every
         # rollout of a group sees the same pixels (and resizing a small draft beats a cached original).
         if is_jpeg and scale > 1:
-            return _CACHE.get_or_decode(key + ("draft", scale), lambda: _decode_draft(sample, (tw, th)))
+            return IMAGE_CACHE.get_or_compute(
+                key + ("draft", scale), lambda: _decode_draft(sample, (tw, th)), counts_as_decode=True
+            )
     full = load_image(sample)
     return ViewSource(full, (0.0, 0.0, float(full.width), float(full.height)), full.size)
 
@@ -492,8 +363,6 @@ def _plan_draft(sample: Sample, key: tuple, target_size: tuple[int, int]) -> tup
         with _open(sample) as image:
             return image.size, _orientation(image, header_only=True), image.format == "JPEG"
 
-    raw_size, orientation, is_jpeg = _CACHE.get_or_decode(
-        key + ("header",), read_header, counts_as_decode=False
-    )
+    raw_size, orientation, is_jpeg = IMAGE_CACHE.get_or_compute(key + ("header",), read_header)
     raw_target = target_size[::-1] if orientation in _SWAPS_AXES else target_size
     return _draft_scale(raw_size, raw_target), is_jpeg

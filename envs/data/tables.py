@@ -9,9 +9,9 @@ cannot read part of a row group), so files meant for random access should have s
 `load_mme_realworld`/`load_hrbench` warn when a row group's image chunk exceeds
 `LARGE_ROW_GROUP_BYTES`. TSV/jsonl: the record's bytes, found by its offset.
 
-Open parquet files (their parsed footers) and TSV headers are kept in a small LRU per process
-(`OPEN_TABLES_MAX` files); reads of one file are serialised by a lock, reads of different files
-run in parallel. A forked child starts with its own, empty set of handles.
+Open parquet files (their parsed footers) and TSV headers are kept in a ``functools.lru_cache``
+of `OPEN_TABLES_MAX` files, keyed by the process id too, so a forked child opens its own handles;
+reads of one file are serialised by a lock, reads of different files run in parallel.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import functools
 import io
 import json
 import os
 import sys
 import threading
-from collections import OrderedDict
 from typing import Any
 
 from envs.data.sample import ImageRef
@@ -128,27 +128,12 @@ class _TextReader:
         return fields[self.header.index(ref.column)]
 
 
-_LOCK = threading.Lock()
-_READERS: OrderedDict[tuple[str, int, int], _ParquetReader | _TextReader] = OrderedDict()
-_READERS_PID = os.getpid()
-
-
 def _reader(ref: ImageRef) -> _ParquetReader | _TextReader:
-    global _READERS_PID
-    key = (ref.path, ref.mtime_ns, ref.size)
-    with _LOCK:
-        if _READERS_PID != os.getpid():
-            # A forked child must not share the parent's file positions or locks.
-            _READERS.clear()
-            _READERS_PID = os.getpid()
-        reader = _READERS.get(key)
-        if reader is not None:
-            _READERS.move_to_end(key)
-            return reader
-    opened = _ParquetReader(ref.path) if ref.path.lower().endswith(".parquet") else _TextReader(ref.path)
-    with _LOCK:
-        reader = _READERS.setdefault(key, opened)
-        _READERS.move_to_end(key)
-        while len(_READERS) > OPEN_TABLES_MAX:
-            _READERS.popitem(last=False)
-    return reader
+    # The pid in the key: a forked child must not share the parent's file positions or locks.
+    return _open_table(ref.path, ref.mtime_ns, ref.size, os.getpid())
+
+
+@functools.lru_cache(maxsize=OPEN_TABLES_MAX)
+def _open_table(path: str, mtime_ns: int, size: int, pid: int) -> _ParquetReader | _TextReader:
+    """An open reader of the table file as it was at ``(mtime_ns, size)``, one per process."""
+    return _ParquetReader(path) if path.lower().endswith(".parquet") else _TextReader(path)

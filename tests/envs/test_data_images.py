@@ -212,7 +212,7 @@ def test_capacity_zero_decodes_every_time():
 
 def test_lru_evicts_least_recently_used_under_the_byte_budget():
     samples = [sample_of(encode(Image.new("RGB", (100, 100), (i, 0, 0))), f"s{i}") for i in range(3)]
-    set_image_cache_capacity(2 * 100 * 100 * 3)  # room for two decoded images
+    set_image_cache_capacity(2 * 100 * 100 * 4)  # room for two decoded images (4 bytes per RGB pixel)
     load_image(samples[0])
     load_image(samples[1])
     load_image(samples[0])  # 0 is now the most recent
@@ -222,7 +222,7 @@ def test_lru_evicts_least_recently_used_under_the_byte_budget():
     assert image_cache_info().decodes == decodes
     load_image(samples[1])
     assert image_cache_info().decodes == decodes + 1
-    assert image_cache_info().bytes <= 2 * 100 * 100 * 3
+    assert image_cache_info().bytes <= 2 * 100 * 100 * 4
 
 
 def test_newest_image_is_kept_even_over_budget():
@@ -296,3 +296,47 @@ def test_view_source_rejects_bad_target_and_reports_missing_files(tmp_path):
         load_view_source(sample_of(encode(quadrants())), (0, 10))
     with pytest.raises(ImageLoadError, match=r"sample 'gone'.*gone\.jpg"):
         load_view_source(sample_of(tmp_path / "gone.jpg", "gone"), (10, 10))
+
+
+# ------------------------------------------------------------------- one budget for every pixel
+
+
+def test_cached_views_do_not_keep_evicted_originals_alive():
+    # 32 envs on 4K images held 605-759 MiB outside a 128 MiB budget: each cached view pinned its original.
+    import gc
+    import weakref
+
+    from envs.geometry import Box
+    from envs.views import ViewBudget, make_view
+
+    first, second = (sample_of(encode(Image.new("RGB", (150, 100), (i, 0, 0))), f"s{i}") for i in (1, 2))
+    original = load_image(first)
+    view, _ = make_view(original, Box(0, 0, 150, 100), ViewBudget(), sample_id="s1", kind="original")
+    assert make_view(original, Box(0, 0, 150, 100), ViewBudget(), sample_id="s1", kind="original")[0] is view
+    set_image_cache_capacity(image_cache_info().bytes + 1000)  # room for one original and its view
+    alive = weakref.ref(original)
+    del original
+    load_image(second)  # evicts the first original
+    gc.collect()
+    assert alive() is None
+    assert image_cache_info().bytes <= image_cache_info().max_bytes
+
+
+def test_views_are_charged_to_the_image_budget_and_not_cached_when_it_is_zero():
+    from envs.geometry import Box
+    from envs.views import ViewBudget, make_view
+
+    original = Image.new("RGB", (150, 100), "white")
+    before = image_cache_info().bytes
+    view, info = make_view(original, Box(0, 0, 150, 100), ViewBudget(), sample_id="s", kind="original")
+    assert image_cache_info().bytes - before == info.shown_size[0] * info.shown_size[1] * 4
+    set_image_cache_capacity(0)
+    again = make_view(original, Box(0, 0, 150, 100), ViewBudget(), sample_id="s", kind="original")[0]
+    assert again is not make_view(original, Box(0, 0, 150, 100), ViewBudget(), sample_id="s", kind="original")[0]
+    assert image_cache_info().entries == 0
+
+
+def test_budget_charges_what_pillow_holds_per_pixel():
+    # Pillow keeps an RGB pixel in 4 bytes: charging 3 let the cache hold a third more than its budget.
+    load_image(sample_of(encode(Image.new("RGB", (100, 50)))))
+    assert image_cache_info().bytes == 100 * 50 * 4
