@@ -46,14 +46,17 @@ resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 """
 
 _DECODE_CHILD = _PREAMBLE + """
+import time
 from envs.data import Sample, load_image
 before = rss_mib("VmRSS")
+start = time.perf_counter()
 try:
     image = load_image(Sample("bench", sys.argv[1], "q?", ("a", "b"), "A"))
     outcome = f"{image.mode} {image.width}x{image.height}"
 except BaseException as error:
     outcome = f"{type(error).__name__}: {str(error)[:150]}"
-print(json.dumps({"peak_mib": rss_mib("VmHWM") - before, "outcome": outcome}))
+seconds = time.perf_counter() - start
+print(json.dumps({"peak_mib": rss_mib("VmHWM") - before, "seconds": seconds, "outcome": outcome}))
 """
 
 _ENVS_CHILD = _PREAMBLE + """
@@ -126,12 +129,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if args.what == "decode":
-            print("| image | file size | peak RSS of the decode | outcome |")
-            print("|---|---|---|---|")
+            print("| image | file size | peak RSS of the decode | seconds | outcome |")
+            print("|---|---|---|---|---|")
             for name, path in write_decode_cases(folder).items():
                 result = run_child(_DECODE_CHILD, [str(path)], args.root, args.max_gib)
                 peak = f"{result['peak_mib']:.0f} MiB" if "peak_mib" in result else "-"
-                print(f"| {name} | {path.stat().st_size / 1e3:.1f} KB | {peak} | {result['outcome']} |")
+                seconds = f"{result['seconds']:.2f}" if "seconds" in result else "-"
+                print(f"| {name} | {path.stat().st_size / 1e3:.1f} KB | {peak} | {seconds} | {result['outcome']} |")
         else:
             paths = []
             for i in range(args.envs):
