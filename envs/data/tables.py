@@ -34,15 +34,18 @@ LARGE_ROW_GROUP_BYTES = 64 << 20
 """Above this many (compressed) bytes in one row group's image column, every image read is slow."""
 
 
-def decode_image_field(value: Any) -> bytes:
+def decode_image_field(value: Any, max_bytes: int | None = None) -> bytes:
     """Encoded image bytes from a table cell.
 
     Args:
         value: base64 text (optionally a ``data:...;base64,`` URI, line-wrapped or without ``=``
             padding, as released files have them), raw bytes, or a ``{"bytes": ...}`` struct.
+        max_bytes: decode only the first ``max_bytes`` bytes (up to 2 more from base64 text) when the
+            image is longer: enough to read a header without decoding a large image's base64.
 
     Returns:
-        The encoded image file's bytes (not checked to be an image: decoding does that).
+        The encoded image file's bytes, or their first part (not checked to be an image: decoding
+        does that).
 
     Raises:
         ValueError: ``value`` is empty, null, or text that is not base64.
@@ -50,19 +53,34 @@ def decode_image_field(value: Any) -> bytes:
     if isinstance(value, dict) and "bytes" in value:
         value = value["bytes"]
     if isinstance(value, (bytes, bytearray)) and value:
-        return bytes(value)
+        return bytes(value if max_bytes is None else value[:max_bytes])
     if isinstance(value, str) and value:
         payload = value.split(",", 1)[1] if value.startswith("data:") else value
-        payload = "".join(payload.split())
-        payload += "=" * (-len(payload) % 4)
         try:
-            decoded = base64.b64decode(payload, validate=True)
+            decoded = base64.b64decode(_base64_characters(payload, max_bytes), validate=True)
         except (binascii.Error, ValueError):
             decoded = b""
         if decoded:
             return decoded
     shown = repr(value)
     raise ValueError(f"holds no base64-encoded image ({shown[:77] + '...' if len(shown) > 80 else shown})")
+
+
+def _base64_characters(payload: str, max_bytes: int | None) -> str:
+    """``payload`` without whitespace and padded; with ``max_bytes``, only the whole quads that hold
+    the first ``max_bytes`` bytes when the payload is longer (read without stripping all of it)."""
+    if max_bytes is None:
+        characters = "".join(payload.split())
+    else:
+        needed = -(-max_bytes // 3) * 4
+        end = needed
+        characters = "".join(payload[:end].split())
+        while len(characters) < needed and end < len(payload):  # line breaks took some of the room
+            end *= 2
+            characters = "".join(payload[:end].split())
+        if len(characters) >= needed:
+            return characters[:needed]
+    return characters + "=" * (-len(characters) % 4)
 
 
 def read_image_ref(ref: ImageRef) -> bytes:
