@@ -334,3 +334,17 @@ def test_async_make_vec_says_what_to_pass_and_works_with_it(marker: Sample) -> N
         assert len(images(chats[0])) == 2  # the view and the crop came back through the pipes
     finally:
         vec.close()
+
+
+def test_an_image_failing_mid_episode_raises_an_image_load_error_naming_the_sample(tmp_path) -> None:
+    # What a trainer catches to skip a sample: reset drafted the view, then the file went bad before
+    # the crop's full decode.
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (2400, 1800), "white").save(path, quality=90)
+    sample = Sample("gone-bad", str(path), "q?", ("a", "b"), "A")
+    env = gym.make("zoomgym/ZoomEnv-v0", dataset=[sample])
+    env.reset(seed=0)
+    path.write_bytes(path.read_bytes()[:400])
+    with pytest.raises(ImageLoadError, match=r"sample 'gone-bad'.*big\.jpg") as error:
+        env.step('[{"bbox_2d": [100, 100, 400, 400]}]')
+    assert error.value.sample_id == "gone-bad"
