@@ -180,8 +180,8 @@ def test_the_most_extreme_valid_boxes_give_views_the_processor_accepts() -> None
     # the thinnest valid box at reset's view and again in the crop it gives (crops of crops).
     rules, checked = BoxRules(), 0
     for merge in (1, 2):
-        for min_tokens in (1, 4, 64, 199, 201, 256, 1024):
-            for extra in (0, 1, 8, 1024):
+        for min_tokens in (1, 64, 199, 201, 1024):
+            for extra in (0, 1, 1024):
                 budget = budget_of(min_tokens, extra, merge)
                 if budget is None:
                     continue
@@ -200,7 +200,7 @@ def test_the_most_extreme_valid_boxes_give_views_the_processor_accepts() -> None
                                 if not accepted:
                                     break
                                 region = region_to_original(accepted[-1], region, shown)
-    assert checked > 2000
+    assert checked > 1000
 
 
 # (min tokens, extra tokens, merge size): tight budgets (201 tokens hold only a 67 x 3 grid; 399 only
@@ -218,7 +218,7 @@ def env_for(budget: tuple[int, int, int], frame: str, clamp: bool) -> gym.Env:
     return _ENVS[key]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     budget=st.sampled_from(BUDGETS),
     width=st.integers(1, 6000),
