@@ -8,7 +8,10 @@ Batching (``gymnasium.make_vec``): like `gymnasium.spaces.Text`, a batch of ``n`
 ``Tuple`` of ``n`` `ChatSpace` and a batched observation is a tuple of chats. We register
 ``batch_space``, ``concatenate`` and ``create_empty_array`` for `ChatSpace`. ``iterate`` is left to
 the batched ``Tuple`` (it walks the tuple of chats); registering it for `ChatSpace` itself would make
-Gymnasium's Tuple ``iterate`` descend into each chat's messages.
+Gymnasium's Tuple ``iterate`` descend into each chat's messages. A chat (PIL images, text of any
+length) fits no fixed-size shared-memory buffer, so ``vectorization_mode="async"`` needs
+``vector_kwargs={"shared_memory": False}`` (chats then travel through the workers' pipes); without
+it ``create_shared_memory`` raises an error that says so.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from gymnasium.spaces import Space, Tuple
-from gymnasium.vector.utils import batch_space, concatenate, create_empty_array
+from gymnasium.vector.utils import batch_space, concatenate, create_empty_array, create_shared_memory
 from PIL import Image
 
 from envs.geometry import Box
@@ -137,3 +140,12 @@ def _concatenate_chats(space: ChatSpace, items: Iterable[Chat], out: Any) -> tup
 @create_empty_array.register(ChatSpace)
 def _empty_chats(space: ChatSpace, n: int = 1, fn: Callable = np.zeros) -> tuple[Chat, ...]:
     return tuple([] for _ in range(n))
+
+
+@create_shared_memory.register(ChatSpace)
+def _no_shared_memory(space: ChatSpace, n: int = 1, ctx: Any = None) -> Any:
+    raise ValueError(
+        "Expects gymnasium.make_vec(..., vectorization_mode='async', vector_kwargs={'shared_memory': False}) "
+        "(or AsyncVectorEnv(..., shared_memory=False)) for chat observations, actual: shared_memory=True. "
+        "A chat holds PIL images and text of any length, which no fixed-size shared-memory buffer holds."
+    )

@@ -8,12 +8,12 @@ enlarged and a crop never inherits the blur of an earlier downscaled view.
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
+import weakref
 from dataclasses import dataclass
 
 from PIL import Image
 
+from envs.cache import IMAGE_CACHE
 from envs.geometry import Box, Size, original_to_region, region_to_original
 
 RESAMPLING: dict[str, Image.Resampling] = {
@@ -25,12 +25,8 @@ RESAMPLING: dict[str, Image.Resampling] = {
 """Resampling filters by name: ``"bicubic"`` (default, what Qwen's processor uses), ``"lanczos"``
 (sharpest), ``"nearest"`` (parity with the MGPO reference code)."""
 
-VIEW_CACHE_SIZE = 32
-"""Resized views kept (about 3 MB each at the default budget): the rollouts of a group share the
-whole-image view and any crop of the same region instead of resampling the original again."""
-
 MAX_ASPECT_RATIO = 200.0
-"""Qwen's smart resize rejects images whose long side exceeds 200x the short side."""
+"""Qwen's smart resize rejects images whose long side exceeds 200x the short side; no shown size does."""
 
 
 def _has_grid(tokens: int) -> bool:
@@ -84,56 +80,66 @@ class ViewBudget:
         return self.patch_size * self.merge_size
 
     def shown_size(self, width: float, height: float) -> Size:
-        """Qwen's smart resize: the ``(w, h)`` an image of ``width x height`` pixels is shown at.
+        """Qwen's smart resize: the ``(w, h)`` an image (or region) of ``width x height`` pixels is shown at.
 
         Sides are multiples of ``factor`` nearest to the input; if the area exceeds ``max_pixels`` both
         sides shrink by ``beta = sqrt(w*h / max_pixels)`` (rounded down to the factor); if it is below
         ``min_pixels`` both grow by ``beta = sqrt(min_pixels / (w*h))`` (rounded up). The rounding is the
         same as the processor's, so an image already at its shown size is left alone by the processor.
 
-        With a tight budget (``min_pixels`` close to ``max_pixels``) that rounding can land outside the
-        budget, and the processor would then resize the shown image again (e.g. ``min = max = 112*112``:
-        112x84 -> 140x112 -> 112x84 ...). Then the size is the in-budget one whose aspect ratio is
-        closest to the image's, which the processor leaves alone: every result is a fixed point.
+        Every result is a size the processor accepts and leaves alone (a fixed point of its smart
+        resize): sides multiples of ``factor``, area in ``[min_pixels, max_pixels]``, aspect at most
+        `MAX_ASPECT_RATIO`. Where Qwen's rounding gives anything else, the size is the in-budget one
+        whose aspect is closest to the input's (then closest in area). That happens with a tight
+        budget (``min = max = 112*112``: 112x84 -> 140x112 -> 112x84 ...; a 201-token budget can only
+        hold a 67 x 3 grid of aspect 22), with an extreme aspect that the rounding pushes past 200
+        (387x63306, aspect 164, rounds to 56x12796, aspect 228), and with an input of aspect above
+        200, which is shown squeezed to aspect 200. So any region of any image can be shown.
         """
         if not (width > 0 and height > 0 and math.isfinite(width) and math.isfinite(height)):
             raise ValueError(f"Expects a positive finite image size, actual: {width!r} x {height!r}")
-        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-            raise ValueError(
-                f"Expects an aspect ratio <= {MAX_ASPECT_RATIO:g}, actual: {width!r} x {height!r}"
-            )
-        f = self.factor
-        w_bar, h_bar = round(width / f) * f, round(height / f) * f
-        if w_bar * h_bar > self.max_pixels:
-            beta = math.sqrt(width * height / self.max_pixels)
-            w_bar = max(f, math.floor(width / beta / f) * f)
-            h_bar = max(f, math.floor(height / beta / f) * f)
-        elif w_bar * h_bar < self.min_pixels:
-            beta = math.sqrt(self.min_pixels / (width * height))
-            w_bar = math.ceil(width * beta / f) * f
-            h_bar = math.ceil(height * beta / f) * f
-        if not self.min_pixels <= w_bar * h_bar <= self.max_pixels:
-            return self._closest_in_budget(width / height, w_bar * h_bar) or (int(w_bar), int(h_bar))
-        return int(w_bar), int(h_bar)
+        if max(width, height) / min(width, height) <= MAX_ASPECT_RATIO:
+            f = self.factor
+            w_bar, h_bar = round(width / f) * f, round(height / f) * f
+            if w_bar * h_bar > self.max_pixels:
+                beta = math.sqrt(width * height / self.max_pixels)
+                w_bar = max(f, math.floor(width / beta / f) * f)
+                h_bar = max(f, math.floor(height / beta / f) * f)
+            elif w_bar * h_bar < self.min_pixels:
+                beta = math.sqrt(self.min_pixels / (width * height))
+                w_bar = math.ceil(width * beta / f) * f
+                h_bar = math.ceil(height * beta / f) * f
+            if self._accepted(w_bar, h_bar):
+                return int(w_bar), int(h_bar)
+        return self._closest_in_budget(width, height)
 
-    def _closest_in_budget(self, aspect: float, area: float) -> Size | None:
-        """The in-budget ``(w, h)`` (multiples of ``factor``, aspect <= 200) closest in aspect ratio,
-        then in area; None if the budget holds no such size."""
+    def _accepted(self, width: int, height: int) -> bool:
+        """Whether the processor leaves a ``width x height`` image of factor-multiple sides alone."""
+        return (
+            width > 0 and height > 0 and self.min_pixels <= width * height <= self.max_pixels
+            and max(width, height) / min(width, height) <= MAX_ASPECT_RATIO
+        )
+
+    def _closest_in_budget(self, width: float, height: float) -> Size:
+        """The accepted ``(w, h)`` closest in aspect ratio to ``width x height`` (an aspect beyond
+        `MAX_ASPECT_RATIO` counts as that limit), then in area. ``__post_init__`` made sure one exists."""
         f = self.factor
-        best: tuple[float, float, Size] | None = None
+        aspect = min(max(width / height, 1 / MAX_ASPECT_RATIO), MAX_ASPECT_RATIO)
+        area = width * height
+        best: tuple[tuple[float, float], Size] | None = None
         for h in range(f, self.max_pixels // f + 1, f):
-            w_low = max(f, -(-self.min_pixels // h))
+            # Widths that keep the area in budget and the aspect within the limit both ways.
+            w_low = max(f, -(-self.min_pixels // h), math.ceil(h / MAX_ASPECT_RATIO))
             w_low = -(-w_low // f) * f
-            w_high = self.max_pixels // h // f * f
+            w_high = min(self.max_pixels // h, math.floor(h * MAX_ASPECT_RATIO)) // f * f
             if w_low > w_high:
                 continue
             w = min(max(round(aspect * h / f) * f, w_low), w_high)
-            if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
-                continue
-            key = (abs(math.log(w / h / aspect)), abs(w * h - area), (w, h))
-            if best is None or key[:2] < best[:2]:
-                best = key
-        return None if best is None else best[2]
+            key = (abs(math.log(w / h / aspect)), abs(w * h - area))
+            if best is None or key < best[0]:
+                best = (key, (w, h))
+        assert best is not None, "ViewBudget.__post_init__ checks that an accepted size exists"
+        return best[1]
 
     def grid_thw(self, width: int, height: int) -> tuple[int, int, int]:
         """The processor's ``image_grid_thw`` for a shown image: ``(1, h / patch, w / patch)``."""
@@ -222,26 +228,24 @@ def make_view(
     return image, info
 
 
-_view_cache: OrderedDict[tuple, tuple[Image.Image, Image.Image]] = OrderedDict()
-_view_cache_lock = threading.Lock()
-
-
 def _resized(original: Image.Image, box: tuple[float, ...], shown: Size, resample: str) -> Image.Image:
-    """``original.resize(shown, filter, box=box)`` as RGB, through a small LRU cache.
+    """``original.resize(shown, filter, box=box)`` as RGB, shared through `envs.cache.IMAGE_CACHE`.
 
-    The key holds ``id(original)`` and the value holds ``original`` itself, so the id cannot be reused
-    by another image while the entry lives. Returned images are shared: treat them as read-only.
+    The rollouts of a group share the whole-image view and any crop of the same region instead of
+    resampling the original again. A view is charged to the one image budget at its own bytes, and
+    its entry holds only a weak reference to ``original``, so a cached view never keeps a decoded
+    original alive outside that budget. The key holds ``id(original)``; the weak reference tells the
+    live original from a dead one whose id was reused. Returned images are shared: treat them as
+    read-only.
     """
-    key = (id(original), tuple(box), shown, resample)
-    with _view_cache_lock:
-        if key in _view_cache:
-            _view_cache.move_to_end(key)
-            return _view_cache[key][1]
-    image = original.resize(shown, RESAMPLING[resample], box=box)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    with _view_cache_lock:
-        _view_cache[key] = (original, image)
-        while len(_view_cache) > VIEW_CACHE_SIZE:
-            _view_cache.popitem(last=False)
+    key = ("view", id(original), tuple(box), shown, resample)
+
+    def resize() -> tuple[weakref.ref, Image.Image]:
+        image = original.resize(shown, RESAMPLING[resample], box=box)
+        return weakref.ref(original), image if image.mode == "RGB" else image.convert("RGB")
+
+    source, image = IMAGE_CACHE.get_or_compute(key, resize)
+    if source() is not original:
+        IMAGE_CACHE.discard(key)
+        source, image = IMAGE_CACHE.get_or_compute(key, resize)
     return image

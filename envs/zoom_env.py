@@ -205,10 +205,7 @@ class ZoomEnv(gym.Env[Chat, str]):
         super().reset(seed=seed)
         sample = self._choose_sample(options or {})
         width, height = image_size(sample)  # ImageLoadError names the file and the sample
-        try:
-            shown = self.view_budget.shown_size(width, height)
-        except ValueError as error:
-            raise ValueError(f"sample {sample.id!r}: {error}") from None
+        shown = self.view_budget.shown_size(width, height)
         # A JPEG much larger than the view is draft-decoded: same view, a fraction of the decode.
         source = load_view_source(sample, shown)
         image, view = make_view(

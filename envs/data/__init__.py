@@ -7,9 +7,11 @@ an `ImageRef` (an image stored in a cell of a parquet/TSV/jsonl file, read on de
 
 from envs.data.images import (
     MAX_IMAGE_PIXELS,
+    SUPPORTED_MODES,
     CacheInfo,
     ImageLoadError,
     ViewSource,
+    check_image,
     clear_image_cache,
     image_cache_info,
     image_size,
@@ -32,6 +34,7 @@ __all__ = [
     "DATASETS",
     "LETTERS",
     "MAX_IMAGE_PIXELS",
+    "SUPPORTED_MODES",
     "SYNTHETIC_PRESETS",
     "CacheInfo",
     "ImageLoadError",
@@ -39,6 +42,7 @@ __all__ = [
     "ImageSource",
     "Sample",
     "ViewSource",
+    "check_image",
     "clear_image_cache",
     "image_cache_info",
     "image_size",

@@ -14,52 +14,72 @@ Public API:
   box=source.box)`` to get exactly the view a full decode would give, up to the decoder's filtering.
 - `image_size(sample)`: the original's (width, height) after EXIF orientation, read from the
   header without decoding pixels.
-- `ImageLoadError`: raised for a missing, unreadable, corrupt or truncated image; the message names
-  the file (or "embedded bytes"; for an `ImageRef` the table file, row and column) and the sample id.
+- `check_image(sample)`: the header checks that the loaders run on every sample at load.
+- `ImageLoadError`: raised for a missing, unreadable, corrupt, truncated, too large or unconvertible
+  image, at load or when decoding; the message names the file (or "embedded bytes"; for an
+  `ImageRef` the table file, row and column) and the sample id, and so do its attributes.
 
-Sources: a path, encoded bytes, a PIL image, or an `ImageRef` (one cell of a parquet/TSV/jsonl
-file, read by `envs.data.tables.read_image_ref` only when the image is needed).
+Sources: a path (a regular file: a folder, FIFO or device is refused, so nothing blocks on it),
+encoded bytes, a PIL image, or an `ImageRef` (one cell of a parquet/TSV/jsonl file, read by
+`envs.data.tables.read_image_ref` only when the image is needed).
 
-Cache. Decoded images live in one process-wide, thread-safe LRU cache keyed by the image source:
-a path by (resolved path, mtime, size), encoded bytes by a BLAKE2b digest, a PIL image by its
-identity, an `ImageRef` by (table path, its mtime and size when loaded, row, column). The encoded
-bytes read through an `ImageRef` are cached too (charged at their length), so the header read, the
-draft view and the full decode of one sample read its cell once. Its capacity is a budget of decoded
-bytes (width * height * 3 per RGB image), default
-1 GiB (about ten 8K images, or a hundred 2940 x 2940 synthetic canvases), set by the environment
-variable ``ZOOMGYM_IMAGE_CACHE_MB`` at import or by `set_image_cache_capacity(max_bytes)` at run time;
-0 turns caching off (every call decodes). The most recently used image is always kept, even when it
-alone exceeds the budget, so a group of rollouts over one huge image still shares one decode.
-Concurrent requests for the same source wait for a single decode. Returned images are shared:
-treat them as read-only (``crop``/``resize`` return new images).
+Checks (at load, through `check_image`, and again before any decode), from the header alone: the
+image opens, has at least one pixel and at most `MAX_IMAGE_PIXELS`, and a pixel mode in
+`SUPPORTED_MODES`.
 
-Decompression-bomb limit. Pillow refuses images above ``2 * Image.MAX_IMAGE_PIXELS`` pixels and
-warns above ``MAX_IMAGE_PIXELS``. Importing this module sets ``MAX_IMAGE_PIXELS`` to
-`MAX_IMAGE_PIXELS` = 16384 * 16384 (268 MP), which admits 8K (7680 x 4320, 33 MP), 16K and
-gigapixel-scale panoramas up to 536 MP, while still stopping a malicious header claiming billions.
+Memory. Decoding is bounded by pixels, not by file size (a PNG of a few kilobytes may hold 256 MP):
+the decoder's pixels (1 to 4 bytes each) are converted to RGB (4 bytes: Pillow pads RGB) one tile
+of `DECODE_TILE_PIXELS` at a time, in place of whole-image float or RGBA copies, and freed before
+the EXIF transpose. One decode therefore peaks at about `DECODE_BYTES_PER_PIXEL` = 8 bytes per pixel
+plus a tile of scratch: at most 2 GiB at the `MAX_IMAGE_PIXELS` limit (measured in
+``benchmarks/memory.py``). A decode that still runs out of memory raises `ImageLoadError`.
+
+Cache. Decoded images live in the process-wide `envs.cache.IMAGE_CACHE`, keyed by the image
+source: a path by (resolved path, mtime, size), encoded bytes by a BLAKE2b digest, a PIL image by
+its identity, an `ImageRef` by (table path, its mtime and size when loaded, row, column). The
+encoded bytes read through an `ImageRef` are cached too, so the header read, the draft view and the
+full decode of one sample read its cell once. The same cache holds the env's resized views
+(`envs.views`), so one budget bounds every decoded pixel kept: default 1 GiB (about seven 8K
+images, or thirty 2940 x 2940 synthetic canvases, at Pillow's 4 bytes per RGB pixel), set by the
+environment variable ``ZOOMGYM_IMAGE_CACHE_MB`` at import or by `set_image_cache_capacity(max_bytes)`
+at run time; 0 turns caching off (every call decodes). The most recently used value is always kept,
+even when it alone exceeds the budget, so a group of rollouts over one huge image still shares one
+decode. Concurrent requests for the same source wait for a single decode. Returned images are
+shared: treat them as read-only (``crop``/``resize`` return new images).
+
+Decompression-bomb limit. Images above `MAX_IMAGE_PIXELS` = 16384 * 16384 (268 MP) are refused,
+which admits 8K (7680 x 4320, 33 MP) and 16K while stopping a malicious header claiming billions.
+Importing this module also sets Pillow's ``Image.MAX_IMAGE_PIXELS`` to it (Pillow itself refuses
+above twice that, in ``Image.open``, and warns above it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
-import threading
-from collections import OrderedDict
-from concurrent.futures import Future
+import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import ExifTags, Image
 
+from envs.cache import IMAGE_CACHE, CacheInfo
 from envs.data.sample import ImageRef, Sample
 from envs.data.tables import read_image_ref
 
 MAX_IMAGE_PIXELS = 16384 * 16384
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-
-DEFAULT_CACHE_BYTES = 1 << 30
+DECODE_TILE_PIXELS = 1 << 20
+"""Pixels converted to RGB per step of a decode: the scratch memory of a conversion (a few bytes each)."""
+DECODE_BYTES_PER_PIXEL = 8
+"""Peak bytes per pixel of one decode (the decoder's pixels, at most 4 bytes, plus the RGB result)."""
+SUPPORTED_MODES = frozenset(
+    {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F",
+     "I;16", "I;16L", "I;16B", "I;16N"}
+)
+"""Pillow pixel modes converted to RGB (the others, such as ``"La"``, are refused at load)."""
 
 # EXIF orientations 5-8 swap width and height.
 _SWAPS_AXES = {5, 6, 7, 8}
@@ -74,10 +94,39 @@ _TRANSPOSE_FOR_ORIENTATION = {
 }
 _DRAFT_SCALES = (8, 4, 2)
 _HIGH_BIT_DEPTH_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+_TRANSPARENT_MODES = {"RGBA", "LA", "P", "PA"}
 
 
 class ImageLoadError(ValueError):
-    """A sample's image is missing, unreadable, corrupt or truncated."""
+    """A sample's image is missing, unreadable, corrupt, truncated, too large or unconvertible.
+
+    Attributes:
+        sample_id: the sample whose image failed (a trainer can skip that sample and count it).
+        source: the file, ``"embedded bytes"`` or the table cell, as the message names it.
+    """
+
+    def __init__(self, message: str, sample_id: str = "", source: str = "") -> None:
+        super().__init__(message)
+        self.sample_id = sample_id
+        self.source = source
+
+    def __reduce__(self) -> tuple:
+        # Picklable with its attributes: errors cross process boundaries (AsyncVectorEnv, workers).
+        return (type(self), (str(self), self.sample_id, self.source))
+
+
+class _Header(NamedTuple):
+    """What the header says: the stored size, the EXIF orientation, whether it is a JPEG."""
+
+    raw_size: tuple[int, int]
+    orientation: int
+    is_jpeg: bool
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(width, height)`` after EXIF orientation."""
+        w, h = self.raw_size
+        return (h, w) if self.orientation in _SWAPS_AXES else (w, h)
 
 
 class ViewSource(NamedTuple):
@@ -95,149 +144,21 @@ class ViewSource(NamedTuple):
     original_size: tuple[int, int]
 
 
-class CacheInfo(NamedTuple):
-    """Counters of the image cache: ``decodes`` counts full and draft decodes (cache misses)."""
-
-    hits: int
-    decodes: int
-    entries: int
-    bytes: int
-    max_bytes: int
-
-
-class _LRUCache:
-    """Thread-safe LRU of decoded images under a byte budget, with single-flight decoding."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
-        self._pending: dict[tuple, Future] = {}
-        self._bytes = 0
-        self.max_bytes = max_bytes
-        self.hits = 0
-        self.decodes = 0
-
-    def get_or_decode(self, key: tuple, decode: Any, counts_as_decode: bool = True) -> Any:
-        """Returns the cached value for ``key``, else ``decode()`` (run once however many threads ask).
-
-        ``counts_as_decode=False`` marks header reads, which `CacheInfo.decodes` does not count.
-        """
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return self._entries[key][0]
-            pending = self._pending.get(key)
-            if pending is None:
-                self.decodes += counts_as_decode
-                if self.max_bytes > 0:
-                    self._pending[key] = Future()
-        if pending is not None:
-            # Another thread is decoding this source: share its result (or its error).
-            with self._lock:
-                self.hits += 1
-            return pending.result()
-        try:
-            value = decode()
-        except BaseException as error:
-            self._finish(key, error=error)
-            raise
-        self._finish(key, value=value)
-        return value
-
-    def peek(self, key: tuple) -> Any | None:
-        """The cached value for ``key`` or None; never decodes."""
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return self._entries[key][0]
-        return None
-
-    def _finish(self, key: tuple, value: Any = None, error: BaseException | None = None) -> None:
-        with self._lock:
-            future = self._pending.pop(key, None)
-            if error is None and self.max_bytes > 0:
-                size = _nbytes(value)
-                self._entries[key] = (value, size)
-                self._bytes += size
-                self._evict()
-        if future is not None:
-            if error is None:
-                future.set_result(value)
-            else:
-                future.set_exception(error)
-
-    def _evict(self) -> None:
-        # Keep the newest entry even when it alone is over budget.
-        while self._bytes > self.max_bytes and len(self._entries) > 1:
-            _, (_, size) = self._entries.popitem(last=False)
-            self._bytes -= size
-
-    def resize(self, max_bytes: int) -> None:
-        with self._lock:
-            self.max_bytes = max_bytes
-            if max_bytes <= 0:
-                self._entries.clear()
-                self._bytes = 0
-            else:
-                self._evict()
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-            self.hits = 0
-            self.decodes = 0
-
-    def info(self) -> CacheInfo:
-        with self._lock:
-            return CacheInfo(self.hits, self.decodes, len(self._entries), self._bytes, self.max_bytes)
-
-
-def _nbytes(value: Any) -> int:
-    """Decoded bytes held by a cache value (a ViewSource, an image, or a tuple of such)."""
-    if isinstance(value, Image.Image):
-        return value.width * value.height * len(value.getbands())
-    if isinstance(value, ViewSource):
-        return _nbytes(value.image)
-    if isinstance(value, bytes):
-        return len(value)
-    if isinstance(value, tuple) and any(isinstance(v, Image.Image) for v in value):
-        return sum(_nbytes(v) for v in value if isinstance(v, Image.Image))
-    # Header facts (sizes, orientation): charge a nominal footprint so they too stay bounded.
-    return 512
-
-
-def _capacity_from_env() -> int:
-    raw = os.environ.get("ZOOMGYM_IMAGE_CACHE_MB")
-    if raw is None:
-        return DEFAULT_CACHE_BYTES
-    try:
-        megabytes = float(raw)
-    except ValueError:
-        raise ValueError(f"Expects ZOOMGYM_IMAGE_CACHE_MB to be a number of MiB, actual: {raw!r}") from None
-    return int(megabytes * (1 << 20))
-
-
-_CACHE = _LRUCache(_capacity_from_env())
-
-
 def set_image_cache_capacity(max_bytes: int) -> None:
     """Sets the cache budget in decoded bytes (0 disables caching); evicts down to it now."""
     if not isinstance(max_bytes, int) or max_bytes < 0:
         raise ValueError(f"Expects max_bytes to be an int >= 0, actual: {max_bytes!r}")
-    _CACHE.resize(max_bytes)
+    IMAGE_CACHE.resize(max_bytes)
 
 
 def clear_image_cache() -> None:
     """Drops every cached image and resets the counters of `image_cache_info`."""
-    _CACHE.clear()
+    IMAGE_CACHE.clear()
 
 
 def image_cache_info() -> CacheInfo:
     """Hits, decodes, entries, bytes held and the budget of the image cache."""
-    return _CACHE.info()
+    return IMAGE_CACHE.info()
 
 
 def _describe(sample: Sample) -> str:
@@ -251,23 +172,31 @@ def _describe(sample: Sample) -> str:
 
 
 def _fail(sample: Sample, reason: str) -> ImageLoadError:
+    source = _describe(sample)
     return ImageLoadError(
-        f"Expects a readable image for sample {sample.id!r}, actual: {_describe(sample)} {reason}"
+        f"Expects a readable image for sample {sample.id!r}, actual: {source} {reason}", sample.id, source
     )
 
 
 def _source_key(sample: Sample) -> tuple:
-    """The cache key of the sample's image source (see the module docstring)."""
+    """The cache key of the sample's image source (see the module docstring).
+
+    Every read of a path goes through here first, so a path that is not a regular file is refused
+    before anything opens it (opening a FIFO blocks until a writer comes).
+    """
     source = sample.image
     if isinstance(source, (str, Path)):
         path = Path(source)
         try:
-            stat = path.stat()
+            status = path.stat()
         except FileNotFoundError:
             raise _fail(sample, "does not exist") from None
         except OSError as error:
             raise _fail(sample, f"cannot be read ({error})") from error
-        return ("path", str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        if not stat.S_ISREG(status.st_mode):
+            kind = "a folder" if stat.S_ISDIR(status.st_mode) else "not a regular file (a FIFO, socket or device)"
+            raise _fail(sample, f"is {kind}")
+        return ("path", str(path.resolve()), status.st_mtime_ns, status.st_size)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return ("bytes", hashlib.blake2b(source, digest_size=16).digest())
     if isinstance(source, Image.Image):
@@ -291,23 +220,47 @@ def _read_ref(sample: Sample) -> bytes:
             return read_image_ref(sample.image)
         except FileNotFoundError:
             raise _fail(sample, "does not exist") from None
-        except (OSError, ValueError) as error:
+        except Exception as error:  # OSError, ValueError, MemoryError and pyarrow's errors alike
             raise _fail(sample, str(error)) from error
 
-    return _CACHE.get_or_decode(_source_key(sample) + ("encoded",), read, counts_as_decode=False)
+    return IMAGE_CACHE.get_or_compute(_source_key(sample) + ("encoded",), read)
 
 
-def _open(sample: Sample) -> Image.Image:
-    """Opens (does not decode) the sample's image; errors become `ImageLoadError`."""
-    source = _read_ref(sample) if isinstance(sample.image, ImageRef) else sample.image
+def _open(sample: Sample, encoded: bytes | None = None) -> Image.Image:
+    """Opens (does not decode) the sample's image, or ``encoded`` when given, and checks its header.
+
+    Errors become `ImageLoadError`. Callers have computed `_source_key` first (regular files only).
+    """
+    if encoded is not None:
+        source = encoded
+    else:
+        source = _read_ref(sample) if isinstance(sample.image, ImageRef) else sample.image
     try:
-        if isinstance(source, (str, Path)):
-            return Image.open(source)
-        return Image.open(io.BytesIO(bytes(source)))
+        image = Image.open(source) if isinstance(source, (str, Path)) else Image.open(io.BytesIO(bytes(source)))
     except FileNotFoundError:
         raise _fail(sample, "does not exist") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except Exception as error:  # Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error ...
         raise _fail(sample, f"is not a decodable image ({error})") from error
+    problem = _header_problem(image)
+    if problem:
+        image.close()
+        raise _fail(sample, problem)
+    return image
+
+
+def _header_problem(image: Image.Image) -> str | None:
+    """Why an opened image cannot be decoded within the limits, or None."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        return f"has no pixels ({width}x{height})"
+    if width * height > MAX_IMAGE_PIXELS:
+        return (
+            f"has {width}x{height} = {width * height:,} pixels, which exceeds limit MAX_IMAGE_PIXELS = "
+            f"{MAX_IMAGE_PIXELS:,} (a decode takes up to {DECODE_BYTES_PER_PIXEL} bytes per pixel)"
+        )
+    if image.mode not in SUPPORTED_MODES:
+        return f"has pixel mode {image.mode!r}, which is not converted to RGB (supported: {sorted(SUPPORTED_MODES)})"
+    return None
 
 
 def _orientation(image: Image.Image, *, header_only: bool = False) -> int:
@@ -323,47 +276,97 @@ def _orientation(image: Image.Image, *, header_only: bool = False) -> int:
     return orientation if orientation in _TRANSPOSE_FOR_ORIENTATION else 1
 
 
-def _finish_decode(sample: Sample, image: Image.Image) -> Image.Image:
-    """Decodes pixels, applies EXIF orientation and converts to RGB."""
+def _finish_decode(sample: Sample, image: Image.Image, *, owned: bool) -> Image.Image:
+    """Decodes pixels, converts them to RGB and applies EXIF orientation.
+
+    ``owned``: ``image`` was opened here, so its pixels are freed as soon as the RGB copy exists
+    (before the transpose allocates). Any failure, running out of memory included, is an `ImageLoadError`.
+    """
     try:
         image.load()
         orientation = _orientation(image)
-        if orientation != 1:
-            image = image.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
-        if image.mode in _HIGH_BIT_DEPTH_MODES:
-            image = _to_8bit(image)
-        if image.mode != "RGB":
-            # Flatten transparency onto white rather than black: the usual look of a transparent file.
-            if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(background, rgba)
-            image = image.convert("RGB")
-        return image
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise _fail(sample, f"is corrupt or truncated ({error})") from error
+        rgb = _to_rgb(image)
+        if owned and rgb is not image:
+            image.close()
+        return rgb if orientation == 1 else rgb.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
+    except Exception as error:  # MemoryError included; Pillow's decoders raise many kinds
+        if owned:
+            image.close()
+        if isinstance(error, MemoryError):
+            reason = f"needs more memory than is free to decode ({image.width}x{image.height} {image.mode})"
+        else:
+            reason = f"is corrupt or truncated ({error})"
+        raise _fail(sample, reason) from error
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """A single-channel image of more than 8 bits (16-bit PNG/TIFF, 32-bit int or float) as 8-bit "L".
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """A decoded image as RGB, converted `DECODE_TILE_PIXELS` at a time into one RGB image.
 
-    Pillow's own conversion clips every value above 255 to white. Integer samples above 255 are
-    taken as 16-bit and scaled by ``255 / 65535``; float samples within ``[0, 1]`` are scaled by 255;
-    anything else is clipped to ``[0, 255]`` (NaN -> 0).
+    Transparency is flattened onto white rather than black (the usual look of a transparent file).
+    A single-channel image of more than 8 bits (16-bit PNG/TIFF, 32-bit int or float) is rescaled,
+    not clipped as Pillow's own conversion does: integer samples above 255 are taken as 16-bit and
+    scaled by ``255 / 65535``; float samples within ``[0, 1]`` by 255; anything else is clipped to
+    ``[0, 255]`` (NaN -> 0). The scale comes from the whole image, the conversion from each tile.
     """
-    values = np.asarray(image, dtype=np.float64)
-    peak = float(np.nanmax(values)) if values.size and not np.isnan(values).all() else 0.0
-    if image.mode == "F":
-        scale = 255.0 if peak <= 1.0 else 1.0
+    if image.mode == "RGB":
+        return image
+    if image.mode in _HIGH_BIT_DEPTH_MODES:
+        scale = _high_depth_scale(image)
+
+        def convert(tile: Image.Image) -> Image.Image:
+            return Image.fromarray(_to_8bit(tile, scale), "L").convert("RGB")
+
+    elif image.mode in _TRANSPARENT_MODES or "transparency" in image.info:
+
+        def convert(tile: Image.Image) -> Image.Image:
+            white = Image.new("RGBA", tile.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, tile.convert("RGBA")).convert("RGB")
+
     else:
-        scale = 255.0 / 65535.0 if peak > 255 else 1.0
-    pixels = np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8)
-    return Image.fromarray(pixels, "L")
+
+        def convert(tile: Image.Image) -> Image.Image:
+            return tile.convert("RGB")
+
+    rows = max(1, DECODE_TILE_PIXELS // image.width)
+    if rows >= image.height:
+        return convert(image)
+    rgb = Image.new("RGB", image.size)
+    for top, tile in _tiles(image, rows):
+        rgb.paste(convert(tile), (0, top))
+    return rgb
+
+
+def _tiles(image: Image.Image, rows: int) -> Iterator[tuple[int, Image.Image]]:
+    """``(top, band of rows)`` over the image, ``rows`` rows at a time."""
+    for top in range(0, image.height, rows):
+        yield top, image.crop((0, top, image.width, min(top + rows, image.height)))
+
+
+def _high_depth_scale(image: Image.Image) -> float:
+    """The factor that maps a high-bit-depth image's values to 8 bits (see `_to_rgb`)."""
+    peak = 0.0
+    for _, tile in _tiles(image, max(1, DECODE_TILE_PIXELS // image.width)):
+        values = np.asarray(tile)
+        if values.dtype.kind == "f":
+            values = values[~np.isnan(values)]
+        if values.size:
+            peak = max(peak, float(values.max()))
+    if image.mode == "F":
+        return 255.0 if peak <= 1.0 else 1.0
+    return 255.0 / 65535.0 if peak > 255 else 1.0
+
+
+def _to_8bit(tile: Image.Image, scale: float) -> np.ndarray:
+    """One tile's values times ``scale``, clipped to ``[0, 255]`` (NaN -> 0), as uint8."""
+    values = np.asarray(tile, dtype=np.float64)
+    values = values * scale
+    np.nan_to_num(values, copy=False)
+    np.clip(values, 0, 255, out=values)
+    return np.round(values, out=values).astype(np.uint8)
 
 
 def _decode_full(sample: Sample) -> Image.Image:
-    with _open(sample) as image:
-        return _finish_decode(sample, image)
+    return _finish_decode(sample, _open(sample), owned=True)
 
 
 def load_image(sample: Sample) -> Image.Image:
@@ -376,35 +379,73 @@ def load_image(sample: Sample) -> Image.Image:
         A PIL image of mode ``"RGB"``; shared with other callers, so do not modify it in place.
 
     Raises:
-        ImageLoadError: missing, unreadable, corrupt or truncated image (names file and sample id).
+        ImageLoadError: missing, unreadable, corrupt, truncated, too large or unconvertible image, or
+            not enough memory to decode it (names the file and the sample id).
     """
     source = sample.image
     if isinstance(source, Image.Image):
         if source.mode == "RGB" and _orientation(source) == 1:
             return source  # already what we would produce: no copy, no cache entry
+        _check_in_memory(sample, source)
         # Cache (source, converted): holding the source keeps its id from being reused.
-        pair = _CACHE.get_or_decode(_source_key(sample), lambda: (source, _finish_decode(sample, source)))
+        pair = IMAGE_CACHE.get_or_compute(
+            _source_key(sample), lambda: (source, _finish_decode(sample, source, owned=False)), counts_as_decode=True
+        )
         return pair[1]
-    return _CACHE.get_or_decode(_source_key(sample) + ("full",), lambda: _decode_full(sample))
+    return IMAGE_CACHE.get_or_compute(_source_key(sample) + ("full",), lambda: _decode_full(sample), counts_as_decode=True)
+
+
+def _header(sample: Sample, encoded: bytes | None = None) -> _Header:
+    """The header facts of a path/bytes/`ImageRef` source, checked and cached per source."""
+
+    def read() -> _Header:
+        with _open(sample, encoded) as image:
+            return _Header(image.size, _orientation(image, header_only=True), image.format == "JPEG")
+
+    return IMAGE_CACHE.get_or_compute(_source_key(sample) + ("header",), read)
 
 
 def image_size(sample: Sample) -> tuple[int, int]:
-    """``(width, height)`` of the original after EXIF orientation, from the header only."""
+    """``(width, height)`` of the original after EXIF orientation, from the header only.
+
+    Raises:
+        ImageLoadError: as `check_image`.
+    """
     source = sample.image
     if isinstance(source, Image.Image):
         w, h = source.size
         return (h, w) if _orientation(source) in _SWAPS_AXES else (w, h)
-    key = _source_key(sample)
-    full = _CACHE.peek(key + ("full",))
+    full = IMAGE_CACHE.peek(_source_key(sample) + ("full",))
     if full is not None:
         return full.size
+    return _header(sample).size
 
-    def read_header() -> tuple[int, int]:
-        with _open(sample) as image:
-            w, h = image.size
-            return (h, w) if _orientation(image, header_only=True) in _SWAPS_AXES else (w, h)
 
-    return _CACHE.get_or_decode(key + ("size",), read_header, counts_as_decode=False)
+def check_image(sample: Sample, encoded: bytes | None = None) -> tuple[int, int]:
+    """Checks, from the header alone, that the sample's image can be decoded; returns its oriented size.
+
+    The image must be readable (a regular file; a decodable format), have at least one and at most
+    `MAX_IMAGE_PIXELS` pixels and a mode in `SUPPORTED_MODES`. Truncated pixel data only shows
+    when decoding (`load_image` raises then).
+
+    Args:
+        sample: the sample to check.
+        encoded: the image's encoded bytes when the caller holds them already (a loader reading a
+            table cell), so the source is not read again.
+
+    Raises:
+        ImageLoadError: names the file (or table cell) and the sample id.
+    """
+    if isinstance(sample.image, Image.Image):
+        _check_in_memory(sample, sample.image)
+        return image_size(sample)
+    return _header(sample, encoded).size
+
+
+def _check_in_memory(sample: Sample, image: Image.Image) -> None:
+    problem = _header_problem(image)
+    if problem:
+        raise _fail(sample, problem)
 
 
 def _draft_box(
@@ -436,19 +477,21 @@ def _draft_scale(raw_size: tuple[int, int], raw_target: tuple[int, int]) -> int:
 
 
 def _decode_draft(sample: Sample, target_size: tuple[int, int]) -> ViewSource:
-    with _open(sample) as image:
-        orientation = _orientation(image, header_only=True)
-        raw_w, raw_h = image.size
-        raw_target = target_size[::-1] if orientation in _SWAPS_AXES else target_size
-        try:
-            configured = image.draft("RGB", raw_target)
-        except (OSError, ValueError) as error:
-            raise _fail(sample, f"is not a decodable JPEG ({error})") from error
-        if configured is None:
-            raise _fail(sample, "could not be draft-decoded")
-        _, (_, _, covered_w, covered_h) = configured  # (W/s, H/s): the part that covers the original
-        draft_size = image.size
-        decoded = _finish_decode(sample, image)
+    image = _open(sample)
+    orientation = _orientation(image, header_only=True)
+    raw_w, raw_h = image.size
+    raw_target = target_size[::-1] if orientation in _SWAPS_AXES else target_size
+    try:
+        configured = image.draft("RGB", raw_target)
+    except Exception as error:
+        image.close()
+        raise _fail(sample, f"is not a decodable JPEG ({error})") from error
+    if configured is None:
+        image.close()
+        raise _fail(sample, "could not be draft-decoded")
+    _, (_, _, covered_w, covered_h) = configured  # (W/s, H/s): the part that covers the original
+    draft_size = image.size
+    decoded = _finish_decode(sample, image, owned=True)
     box = _draft_box(orientation, draft_size, (covered_w, covered_h))
     original = (raw_h, raw_w) if orientation in _SWAPS_AXES else (raw_w, raw_h)
     return ViewSource(decoded, box, original)
@@ -480,20 +523,15 @@ def load_view_source(sample: Sample, target_size: tuple[int, int]) -> ViewSource
         # The choice depends only on the file and the target, never on what is cached, so every
         # rollout of a group sees the same pixels (and resizing a small draft beats a cached original).
         if is_jpeg and scale > 1:
-            return _CACHE.get_or_decode(key + ("draft", scale), lambda: _decode_draft(sample, (tw, th)))
+            return IMAGE_CACHE.get_or_compute(
+                key + ("draft", scale), lambda: _decode_draft(sample, (tw, th)), counts_as_decode=True
+            )
     full = load_image(sample)
     return ViewSource(full, (0.0, 0.0, float(full.width), float(full.height)), full.size)
 
 
 def _plan_draft(sample: Sample, key: tuple, target_size: tuple[int, int]) -> tuple[int, bool]:
-    """(DCT scale, whether the source is a JPEG) from the header, cached per source."""
-
-    def read_header() -> tuple[tuple[int, int], int, bool]:
-        with _open(sample) as image:
-            return image.size, _orientation(image, header_only=True), image.format == "JPEG"
-
-    raw_size, orientation, is_jpeg = _CACHE.get_or_decode(
-        key + ("header",), read_header, counts_as_decode=False
-    )
-    raw_target = target_size[::-1] if orientation in _SWAPS_AXES else target_size
-    return _draft_scale(raw_size, raw_target), is_jpeg
+    """(DCT scale, whether the source is a JPEG) from the cached header."""
+    header = _header(sample)
+    raw_target = target_size[::-1] if header.orientation in _SWAPS_AXES else target_size
+    return _draft_scale(header.raw_size, raw_target), header.is_jpeg

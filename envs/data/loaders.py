@@ -9,20 +9,29 @@
 | `synthetic`     | `synthetic(n, seed, ...)` | generated in memory (`envs.data.synthetic`)              |
 
 Every malformed record raises ``ValueError`` naming the file, the line (jsonl, 1-based) or row
-(tables, 0-based data row) and the key. Image paths are resolved relative to the data file; images
-are decoded later, lazily, by `envs.data.images.load_image`.
+(tables, 0-based data row) and the key; so do a data file that is a folder or not a regular file,
+text that is not UTF-8, JSON nested beyond Python's recursion limit and a parquet file pyarrow
+cannot read. Images are decoded later, lazily, by `envs.data.images.load_image`, but every image's
+header is checked while loading (`envs.data.images.check_image`: readable, at most
+``MAX_IMAGE_PIXELS``, a convertible mode), with a progress bar for large sets, so a bad image fails
+at load with an `ImageLoadError` naming the image file (or table cell) and the sample. Only pixel
+data that is truncated behind a valid header can still fail later, when decoded.
+
+Image paths (V* and the generic jsonl) are resolved relative to the dataset's folder (V*: ``root``;
+jsonl: the file's folder), and the file they resolve to, ``..``, absolute paths and symlinks
+followed, must lie inside that folder: a dataset file cannot make a run read arbitrary files. Pass
+``allow_outside_root=True`` to read images elsewhere (in a config's dataset entry:
+``options: {allow_outside_root: true}``).
 
 Images embedded in tables (MME-RealWorld, HR-Bench) are not kept in memory: ``Sample.image`` is an
-`ImageRef` to the cell (file, row, column), read when the image is first needed. Parquet loading
-reads every column but the image column, so it costs time and memory for the questions only.
-TSV and jsonl have no column index: they are read through once and each base64 image is checked
-then (and dropped); parquet image cells are checked when read (`ImageLoadError` names the file,
-row, column and sample). The files must stay in place and unchanged while the samples are used.
+`ImageRef` to the cell (file, row, column), read when the image is first needed. Loading reads each
+file once (parquet one row group at a time), checks each image cell's header and keeps only the
+reference. The files must stay in place and unchanged while the samples are used.
 
 Generic jsonl schema (`load_jsonl`), one JSON object per line (blank lines skipped)::
 
     {"id": "cat-17",                      # str, unique in the file; default "<file stem>-<line>"
-     "image": "images/cat-17.jpg",        # str, path relative to the jsonl file (or absolute)
+     "image": "images/cat-17.jpg",        # str, path relative to the jsonl file, inside its folder
      "question": "What colour is the cat's collar?",
      "options": ["red", "blue", "green", "black"],   # 2-10 texts, no letters
      "answer": "B",                       # letter of the correct option ("(B)" or its text also do)
@@ -34,23 +43,35 @@ Generic jsonl schema (`load_jsonl`), one JSON object per line (blank lines skipp
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import json
 import math
 import re
+import stat
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
+from tqdm import tqdm
+
+from envs.data.images import ImageLoadError, check_image
 from envs.data.sample import LETTERS, ImageRef, Sample
 from envs.data.synthetic import synthetic
 from envs.data.tables import LARGE_ROW_GROUP_BYTES, decode_image_field
 from envs.geometry import Box
 
+T = TypeVar("T")
+
 _OPTION_LINE = re.compile(r"^\s*\(([A-J])\)\s*(.*?)\s*$")
 _ANSWER_LETTER = re.compile(r"^\s*\(?([A-Ja-j])(?:\)|\.)?\s*$")
+PROGRESS_MIN_IMAGES = 1000
+"""Header checks of at least this many images (or tables of at least `PROGRESS_MIN_BYTES`) show a progress bar."""
+PROGRESS_MIN_BYTES = 256 << 20
+HEADER_CHECK_BYTES = 16 << 10
+"""The first bytes of a table's image cell decoded to check its header (4x more each time it is longer)."""
 IMAGE_REFERENCE_MAX_CHARS = 64
 """A TSV ``image`` field this short is the ``index`` of the row holding the image (VLMEvalKit stores
 each image once; rows that repeat it, such as HR-Bench's option rotations, refer to that row)."""
@@ -132,29 +153,97 @@ def _boxes(value: Any, where: _Where, *, xywh: bool = False) -> tuple[Box, ...]:
     return tuple(boxes)
 
 
+def _regular_file(path: Path, expected: str) -> Path:
+    """``path`` if it is a regular file; else a ValueError saying what it is (a folder, a FIFO that
+    would block a reader, nothing)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ValueError(f"Expects {expected}, actual: {str(path)!r} does not exist") from None
+    except OSError as error:
+        raise ValueError(f"Expects {expected}, actual: {str(path)!r} cannot be read ({error})") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"Expects {expected}, actual: {str(path)!r} is a folder")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"Expects {expected}, actual: {str(path)!r} is not a regular file (a FIFO, socket or device)")
+    return path
+
+
+def _progress(items: Iterable[T], description: str, *, total: int | None, large: bool) -> Iterable[T]:
+    """``items``, with a progress bar on stderr when the set is ``large``."""
+    return tqdm(items, desc=description, total=total, unit="image", disable=not large, leave=False)
+
+
+def _text(raw: bytes, path: Path, unit: str, number: int) -> str:
+    """``raw`` decoded as UTF-8; invalid bytes raise a ValueError naming the file and line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{str(path)!r} {unit} {number}: expects UTF-8 text, actual: byte {raw[error.start]:#04x} "
+            f"at column {error.start + 1}"
+        ) from None
+
+
+def _json(text: str, where: str) -> Any:
+    """``json.loads(text)``; malformed or absurdly nested JSON raises a ValueError naming ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: expects a JSON object, actual: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{where}: expects a JSON object, actual: nested deeper than Python's recursion limit") from None
+
+
 def _read_json_lines(path: Path) -> Iterator[tuple[int, dict, tuple[int, int]]]:
     """Yields ``(line number, object, (byte offset, byte length) of the line)`` per non-blank line."""
-    if not path.is_file():
-        raise ValueError(f"Expects a jsonl file, actual: {str(path)!r} does not exist")
+    _regular_file(path, "a jsonl file")
     offset = 0
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
             span = (offset, len(raw))
             offset += len(raw)
-            line = raw.decode("utf-8")
+            line = _text(raw, path, "line", number)
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{str(path)!r} line {number}: expects a JSON object, actual: {error}"
-                ) from None
+            record = _json(line, f"{str(path)!r} line {number}")
             if not isinstance(record, dict):
                 raise ValueError(
                     f"{str(path)!r} line {number}: expects a JSON object, actual: {record!r:.80}"
                 )
             yield number, record, span
+
+
+def _image_path(folder: Path, written: str, where: _Where, sample_id: str, allow_outside_root: bool) -> Path:
+    """The image file ``written`` relative to the dataset's ``folder``.
+
+    Unless ``allow_outside_root``, the file it resolves to (``..``, an absolute path and symlinks
+    followed) must lie inside ``folder``, so a dataset file cannot make a run read arbitrary files.
+    """
+    path = folder / written
+    if not allow_outside_root:
+        inside, resolved = folder.resolve(), path.resolve()
+        if not resolved.is_relative_to(inside):
+            raise where.error(
+                "image",
+                f"a path inside the dataset folder {str(inside)!r} for sample {sample_id!r} (pass "
+                "allow_outside_root=True to read images elsewhere)",
+                f"{written} -> {resolved}",
+            )
+    if not path.is_file():
+        raise where.error("image", "an existing image file", str(path))
+    return path
+
+
+def _check_images(checks: Sequence[tuple[_Where, Sample]], path: Path) -> None:
+    """Reads every image's header (`check_image`); a bad one raises `ImageLoadError` naming the
+    dataset file, the line, the image file and the sample."""
+    large = len(checks) >= PROGRESS_MIN_IMAGES
+    for where, sample in _progress(checks, f"checking images of {path.name}", total=len(checks), large=large):
+        try:
+            check_image(sample)
+        except ImageLoadError as error:
+            raise ImageLoadError(f"{where.text}: {error}", error.sample_id, error.source) from error
 
 
 def _check_unique(samples: list[Sample], path: Path) -> list[Sample]:
@@ -169,7 +258,7 @@ def _check_unique(samples: list[Sample], path: Path) -> list[Sample]:
 # --------------------------------------------------------------------------------------------- V*
 
 
-def load_vstar(root: str | Path) -> list[Sample]:
+def load_vstar(root: str | Path, *, allow_outside_root: bool = False) -> list[Sample]:
     """Loads V* Bench from its release folder.
 
     Layout::
@@ -184,11 +273,12 @@ def load_vstar(root: str | Path) -> list[Sample]:
     correct one) must be at the labelled letter, and a missing ``label`` is derived from it; a json
     worded differently from ``text`` is not an error (``text`` and ``label`` are what models are
     asked and scored on). ``category`` is the folder name; ``boxes`` are the json's bboxes.
-    Sample ids are the image paths without extension (``direct_attributes/sa_4690``).
+    Sample ids are the image paths without extension (``direct_attributes/sa_4690``). Image paths
+    must stay inside ``root`` unless ``allow_outside_root``; every image's header is checked.
     """
     root = Path(root)
     questions = root / "test_questions.jsonl"
-    samples = []
+    samples, checks = [], []
     for number, record, _ in _read_json_lines(questions):
         where = _Where(questions, "line", number)
         image_rel = _require(record, "image", where, str, "an image path like 'direct_attributes/sa_1.jpg'")
@@ -198,9 +288,8 @@ def load_vstar(root: str | Path) -> list[Sample]:
         if not lines or _OPTION_LINE.match(lines[0]) or not option_lines:
             raise where.error("text", "a question line, then '(A) ...' option lines", text)
         options = _options_from_lines(option_lines, "text", where)
-        image_path = root / image_rel
-        if not image_path.is_file():
-            raise where.error("image", "an existing image file", str(image_path))
+        sample_id = str(Path(image_rel).with_suffix(""))
+        image_path = _image_path(root, image_rel, where, sample_id, allow_outside_root)
         category = Path(image_rel).parent.name
         if not category:
             raise where.error("image", "a path inside a category folder", image_rel)
@@ -215,7 +304,7 @@ def load_vstar(root: str | Path) -> list[Sample]:
         question = " ".join(lines[: lines.index(option_lines[0])]).strip()
         samples.append(
             Sample(
-                id=str(Path(image_rel).with_suffix("")),
+                id=sample_id,
                 image=image_path,
                 question=question,
                 options=options,
@@ -228,7 +317,10 @@ def load_vstar(root: str | Path) -> list[Sample]:
                 },
             )
         )
-    return _check_unique(samples, questions)
+        checks.append((where, samples[-1]))
+    _check_unique(samples, questions)
+    _check_images(checks, questions)
+    return samples
 
 
 def _vstar_answer(
@@ -260,12 +352,10 @@ def _norm(text: Any) -> str:
 
 
 def _vstar_annotation(path: Path) -> dict:
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"Expects the V* annotation file {str(path)!r}, actual: missing")
-    try:
-        annotation = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{str(path)!r}: expects a JSON object, actual: {error}") from None
+    _regular_file(path, "a V* annotation file")
+    annotation = _json(_text(path.read_bytes(), path, "line", 1), repr(str(path)))
     if not isinstance(annotation, dict):
         raise ValueError(f"{str(path)!r}: expects a JSON object, actual: {annotation!r:.80}")
     return annotation
@@ -288,43 +378,51 @@ def _table_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
         if not files:
             raise ValueError(f"Expects {'/'.join(suffixes)} files in {str(path)!r}, actual: none")
         return files
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"Expects a data file or folder, actual: {str(path)!r} does not exist")
+    _regular_file(path, f"a {'/'.join(suffixes)} file")
     if path.suffix.lower() not in suffixes:
         raise ValueError(f"Expects a {'/'.join(suffixes)} file, actual: {str(path)!r}")
     return [path]
 
 
-_NOT_READ = object()
-"""The value of an image cell that a parquet read skipped (only its `ImageRef` was made)."""
-
-
-def _read_rows(
-    path: Path, image_key: str, *, peek_short_images: bool = False
-) -> Iterator[tuple[_Where, dict, ImageRef]]:
+def _read_rows(path: Path, image_key: str) -> Iterator[tuple[_Where, dict, ImageRef]]:
     """Rows of a parquet, TSV or jsonl file: ``(where, record, ImageRef to its image_key cell)``.
 
-    TSV and jsonl records hold every field, the image too (the caller checks and drops it). Parquet
-    records hold every column but ``image_key`` (no image bytes are read); with ``peek_short_images``
-    they also hold the image cells that are null or at most `IMAGE_REFERENCE_MAX_CHARS` long
-    (HR-Bench references), found by reading the image column one row group at a time.
+    Every record holds every field, the image cell too (the caller checks it and drops it: only the
+    `ImageRef` is kept). Parquet is read one row group at a time. A file without an ``image_key``
+    column (a jsonl record without the key) raises a ValueError naming it; a large file shows a
+    progress bar.
     """
-    stat = path.stat()
+    status = path.stat()
     resolved = str(path.resolve())
 
     def ref(row: int, span: tuple[int, int]) -> ImageRef:
-        return ImageRef(resolved, row, image_key, stat.st_mtime_ns, stat.st_size, span)
+        return ImageRef(resolved, row, image_key, status.st_mtime_ns, status.st_size, span)
 
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        yield from _read_parquet_rows(path, image_key, ref, peek_short_images)
+        rows, total = _read_parquet_rows(path, image_key, ref)
     elif suffix == ".tsv":
-        # Base64 images make fields far longer than csv's 128 KiB default limit.
-        csv.field_size_limit(sys.maxsize)
-        with path.open("rb") as handle:
-            lines = _CountedLines(handle)
-            reader = csv.reader(lines, delimiter="\t")
+        rows, total = _read_tsv_rows(path, image_key, ref), None
+    else:
+        rows, total = _read_jsonl_rows(path, image_key, ref), None
+    large = status.st_size >= PROGRESS_MIN_BYTES or (total or 0) >= PROGRESS_MIN_IMAGES
+    yield from _progress(rows, f"checking images of {path.name}", total=total, large=large)
+
+
+def _read_tsv_rows(
+    path: Path, image_key: str, ref: Callable[[int, tuple[int, int]], ImageRef]
+) -> Iterator[tuple[_Where, dict, ImageRef]]:
+    # Base64 images make fields far longer than csv's 128 KiB default limit.
+    csv.field_size_limit(sys.maxsize)
+    with path.open("rb") as handle:
+        lines = _CountedLines(handle, path)
+        reader = csv.reader(lines, delimiter="\t")
+        try:
             header = next(reader, [])
+            if image_key not in header:
+                raise ValueError(f"{str(path)!r}: expects a column {image_key!r}, actual columns: {header}")
             row = 0
             while True:
                 start = lines.offset
@@ -336,21 +434,22 @@ def _read_rows(
                 record = dict(zip(header, fields))
                 yield _Where(path, "row", row), record, ref(row, (start, lines.offset - start))
                 row += 1
-    else:
-        for number, record, span in _read_json_lines(path):
-            yield _Where(path, "line", number), record, ref(number, span)
+        except csv.Error as error:
+            raise ValueError(f"{str(path)!r} line {lines.number}: expects tab-separated values, actual: {error}") from None
 
 
 class _CountedLines:
-    """Decoded lines of a binary file for `csv.reader`, counting the bytes handed out so far.
+    """Decoded lines of a binary file for `csv.reader`, counting the lines and bytes handed out so far.
 
     csv.reader pulls exactly the lines of one record per ``next``, so the count before and after
     a record is its byte span.
     """
 
-    def __init__(self, handle: BinaryIO) -> None:
+    def __init__(self, handle: BinaryIO, path: Path) -> None:
         self.handle = handle
+        self.path = path
         self.offset = 0
+        self.number = 0
 
     def __iter__(self) -> _CountedLines:
         return self
@@ -360,38 +459,49 @@ class _CountedLines:
         if not line:
             raise StopIteration
         self.offset += len(line)
-        return line.decode("utf-8")
+        self.number += 1
+        return _text(line, self.path, "line", self.number)
+
+
+def _read_jsonl_rows(
+    path: Path, image_key: str, ref: Callable[[int, tuple[int, int]], ImageRef]
+) -> Iterator[tuple[_Where, dict, ImageRef]]:
+    for number, record, span in _read_json_lines(path):
+        where = _Where(path, "line", number)
+        if image_key not in record:
+            raise where.error(image_key, "a base64-encoded image", "missing")
+        yield where, record, ref(number, span)
 
 
 def _read_parquet_rows(
-    path: Path, image_key: str, ref: Callable[[int, tuple[int, int]], ImageRef], peek_short_images: bool
-) -> Iterator[tuple[_Where, dict, ImageRef]]:
+    path: Path, image_key: str, ref: Callable[[int, tuple[int, int]], ImageRef]
+) -> tuple[Iterator[tuple[_Where, dict, ImageRef]], int]:
+    """The rows (read one row group at a time) and their number; a file pyarrow cannot read raises
+    a ValueError naming it."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    file = pq.ParquetFile(path)
+    try:
+        file = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"{str(path)!r}: expects a parquet file, actual: {error}") from None
     names = file.schema_arrow.names
     if image_key not in names:
         raise ValueError(f"{str(path)!r}: expects a column {image_key!r}, actual columns: {names}")
     _warn_if_row_groups_are_large(file, path, image_key)
-    others = [name for name in names if name != image_key]
-    image_type = file.schema_arrow.field(image_key).type
-    peek = peek_short_images and (pa.types.is_string(image_type) or pa.types.is_large_string(image_type))
-    row = 0
-    for group in range(file.num_row_groups):
-        records = file.read_row_group(group, columns=others).to_pylist()
-        short: dict[int, Any] = {}
-        if peek:
-            column = file.read_row_group(group, columns=[image_key]).column(0)
-            is_short = pc.fill_null(pc.less_equal(pc.binary_length(column), IMAGE_REFERENCE_MAX_CHARS), True)
-            short = {i: column[i].as_py() for i in pc.indices_nonzero(is_short).to_pylist()}
-            del column  # one row group's images at a time
-        for i, record in enumerate(records):
-            if i in short:
-                record[image_key] = short[i]
-            yield _Where(path, "row", row), record, ref(row, (group, i))
-            row += 1
+
+    def rows() -> Iterator[tuple[_Where, dict, ImageRef]]:
+        row = 0
+        for group in range(file.num_row_groups):
+            try:
+                records = file.read_row_group(group).to_pylist()
+            except (pa.ArrowException, OSError) as error:
+                raise ValueError(f"{str(path)!r} row group {group}: expects readable parquet data, actual: {error}") from None
+            for i, record in enumerate(records):
+                yield _Where(path, "row", row), record, ref(row, (group, i))
+                row += 1
+
+    return rows(), file.metadata.num_rows
 
 
 def _warn_if_row_groups_are_large(file: Any, path: Path, image_key: str) -> None:
@@ -417,12 +527,28 @@ def _warn_if_row_groups_are_large(file: Any, path: Path, image_key: str) -> None
         )
 
 
-def _image_bytes(value: Any, key: str, where: _Where) -> bytes:
+def _image_bytes(value: Any, key: str, where: _Where, max_bytes: int | None = None) -> bytes:
     """Encoded image bytes of a cell; a bad cell raises the loaders' error naming file, row and key."""
     try:
-        return decode_image_field(value)
+        return decode_image_field(value, max_bytes)
     except ValueError:
         raise where.error(key, "a base64-encoded image", value) from None
+
+
+def _check_cell(sample: Sample, value: Any, key: str, where: _Where) -> None:
+    """Checks the header of the image in a table cell from its first `HEADER_CHECK_BYTES`, 4x more
+    each time the header reaches further (a long EXIF segment, a TIFF), so a large image's base64 is
+    decoded only as far as its header."""
+    max_bytes = HEADER_CHECK_BYTES
+    while True:
+        head = _image_bytes(value, key, where, max_bytes)
+        try:
+            check_image(sample, head)
+            return
+        except ImageLoadError:
+            if len(head) < max_bytes:
+                raise  # that was the whole image
+        max_bytes *= 4
 
 
 def load_mme_realworld(path: str | Path) -> list[Sample]:
@@ -432,14 +558,14 @@ def load_mme_realworld(path: str | Path) -> list[Sample]:
     ``index``, ``question``, ``multi-choice options`` (``["(A) ...", "(B) ...", ...]``), ``answer``
     (letter), ``category`` (e.g. ``"Perception/Monitoring"``), ``l2-category``, ``bytes`` (base64
     image). Options lose their ``(A)`` prefixes; ``l2-category`` and ``question_id`` (when present)
-    go to ``meta``. ``Sample.image`` is an `ImageRef` to the ``bytes`` cell (see the module docstring).
+    go to ``meta``. ``Sample.image`` is an `ImageRef` to the ``bytes`` cell (see the module docstring);
+    every image's header is checked while loading.
     """
     path = Path(path)
     samples = []
     for file in _table_files(path, (".parquet", ".jsonl")):
         for where, record, image in _read_rows(file, "bytes"):
-            if "bytes" in record:  # jsonl hands the cell over: check it now, keep only the reference
-                _image_bytes(record.pop("bytes"), "bytes", where)
+            cell = record.pop("bytes")
             index = _require(record, "index", where, (int, str), "an int or str index")
             options_field = _require(record, "multi-choice options", where, list, 'a list of "(A) ..."')
             options = _options_from_lines(options_field, "multi-choice options", where)
@@ -454,6 +580,7 @@ def load_mme_realworld(path: str | Path) -> list[Sample]:
                     meta={k: record[k] for k in ("l2-category", "question_id") if record.get(k) is not None},
                 )
             )
+            _check_cell(samples[-1], cell, "bytes", where)
     return _check_unique(samples, path)
 
 
@@ -464,47 +591,51 @@ def load_hrbench(path: str | Path) -> list[Sample]:
     ``question``, ``answer`` (letter), ``category``, ``A``, ``B``, ``C``, ``D``, ``cycle_category``,
     ``image`` (base64). Each question appears four times with rotated options; report the mean
     over rotations. ``meta`` keeps ``index`` and ``cycle_category``. ``Sample.image`` is an
-    `ImageRef` to the ``image`` cell (see the module docstring). An ``image`` field of at most
-    `IMAGE_REFERENCE_MAX_CHARS` characters that names another row's ``index`` refers to that row's
-    image (VLMEvalKit's TSVs store each image once); such rows share that row's `ImageRef`, so
-    the image is read and decoded once.
+    `ImageRef` to the ``image`` cell (see the module docstring); every image's header is checked
+    while loading. An ``image`` field of at most `IMAGE_REFERENCE_MAX_CHARS` characters that names
+    another row's ``index`` refers to that row's image (VLMEvalKit's TSVs store each image once);
+    such rows share that row's `ImageRef`, so the image is read and decoded once.
     """
     path = Path(path)
     samples = []
     for file in _table_files(path, (".tsv", ".parquet")):
-        rows = []  # (where, record without its image, ImageRef, the short image field or None)
-        for where, record, image in _read_rows(file, "image", peek_short_images=True):
-            cell = record.pop("image", _NOT_READ)
+        rows = []  # (where, sample with its own ImageRef, the short image field or None)
+        for where, record, image in _read_rows(file, "image"):
+            cell = record.pop("image")
+            sample = _hrbench_sample(record, image, where)
             short = _short_field(cell)
-            if short is None and cell is not _NOT_READ:
-                _image_bytes(cell, "image", where)  # an image in hand (TSV): check it now, then drop it
-            rows.append((where, record, image, short))
-        holders = {str(record.get("index")).strip(): image for _, record, image, short in rows if short is None}
-        for where, record, image, short in rows:
-            index = _require(record, "index", where, (int, str), "an int or str index")
-            if short is not None:
-                # A reference when it names a row holding an image; else read as (tiny) base64 itself.
-                image = holders.get(short, image)
-            options = []
-            for letter in "ABCD":
-                value = record.get(letter)
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    value = str(value)  # numeric answers (counts) come back as numbers from parquet
-                if not isinstance(value, str) or not value.strip():
-                    raise where.error(letter, "a non-empty option text", value)
-                options.append(value.strip())
-            samples.append(
-                Sample(
-                    id=str(index),
-                    image=image,
-                    question=_require(record, "question", where, str, "the question text").strip(),
-                    options=tuple(options),
-                    answer=_letter(record.get("answer"), options, "answer", where),
-                    category=str(record.get("category") or ""),
-                    meta={"index": index, "cycle_category": record.get("cycle_category")},
-                )
-            )
+            if short is None:  # an image in hand: check it now, then drop it
+                _check_cell(sample, cell, "image", where)
+            rows.append((where, sample, short))
+        holders = {str(sample.meta["index"]).strip(): sample.image for _, sample, short in rows if short is None}
+        for where, sample, short in rows:
+            if short is not None and short in holders:
+                sample = dataclasses.replace(sample, image=holders[short])
+            elif short is not None:  # names no row: read as (tiny) base64 itself
+                _check_cell(sample, short, "image", where)
+            samples.append(sample)
     return _check_unique(samples, path)
+
+
+def _hrbench_sample(record: dict, image: ImageRef, where: _Where) -> Sample:
+    index = _require(record, "index", where, (int, str), "an int or str index")
+    options = []
+    for letter in "ABCD":
+        value = record.get(letter)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            value = str(value)  # numeric answers (counts) come back as numbers from parquet
+        if not isinstance(value, str) or not value.strip():
+            raise where.error(letter, "a non-empty option text", value)
+        options.append(value.strip())
+    return Sample(
+        id=str(index),
+        image=image,
+        question=_require(record, "question", where, str, "the question text").strip(),
+        options=tuple(options),
+        answer=_letter(record.get("answer"), options, "answer", where),
+        category=str(record.get("category") or ""),
+        meta={"index": index, "cycle_category": record.get("cycle_category")},
+    )
 
 
 def _short_field(value: Any) -> str | None:
@@ -518,18 +649,21 @@ def _short_field(value: Any) -> str | None:
 # -------------------------------------------------------------------------------------------- jsonl
 
 
-def load_jsonl(path: str | Path) -> list[Sample]:
-    """Loads the generic jsonl schema (see the module docstring); image paths relative to the file."""
+def load_jsonl(path: str | Path, *, allow_outside_root: bool = False) -> list[Sample]:
+    """Loads the generic jsonl schema (see the module docstring); image paths relative to the file.
+
+    Image paths must stay inside the jsonl file's folder unless ``allow_outside_root``; every
+    image's header is checked.
+    """
     path = Path(path)
-    samples = []
+    samples, checks = [], []
     for number, record, _ in _read_json_lines(path):
         where = _Where(path, "line", number)
         sample_id = record.get("id", f"{path.stem}-{number}")
         if not isinstance(sample_id, (str, int)) or isinstance(sample_id, bool):
             raise where.error("id", "a str", sample_id)
-        image = path.parent / _require(record, "image", where, str, "an image path relative to the file")
-        if not image.is_file():
-            raise where.error("image", "an existing image file", str(image))
+        written = _require(record, "image", where, str, "an image path relative to the file")
+        image = _image_path(path.parent, written, where, str(sample_id), allow_outside_root)
         options = _require(record, "options", where, list, "a list of 2-10 option texts")
         if not 2 <= len(options) <= len(LETTERS) or not all(
             isinstance(o, str) and o.strip() for o in options
@@ -553,7 +687,10 @@ def load_jsonl(path: str | Path) -> list[Sample]:
                 meta=meta,
             )
         )
-    return _check_unique(samples, path)
+        checks.append((where, samples[-1]))
+    _check_unique(samples, path)
+    _check_images(checks, path)
+    return samples
 
 
 # ----------------------------------------------------------------------------------------- registry

@@ -9,9 +9,9 @@ cannot read part of a row group), so files meant for random access should have s
 `load_mme_realworld`/`load_hrbench` warn when a row group's image chunk exceeds
 `LARGE_ROW_GROUP_BYTES`. TSV/jsonl: the record's bytes, found by its offset.
 
-Open parquet files (their parsed footers) and TSV headers are kept in a small LRU per process
-(`OPEN_TABLES_MAX` files); reads of one file are serialised by a lock, reads of different files
-run in parallel. A forked child starts with its own, empty set of handles.
+Open parquet files (their parsed footers) and TSV headers are kept in a ``functools.lru_cache``
+of `OPEN_TABLES_MAX` files, keyed by the process id too, so a forked child opens its own handles;
+reads of one file are serialised by a lock, reads of different files run in parallel.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import functools
 import io
 import json
 import os
 import sys
 import threading
-from collections import OrderedDict
 from typing import Any
 
 from envs.data.sample import ImageRef
@@ -34,15 +34,18 @@ LARGE_ROW_GROUP_BYTES = 64 << 20
 """Above this many (compressed) bytes in one row group's image column, every image read is slow."""
 
 
-def decode_image_field(value: Any) -> bytes:
+def decode_image_field(value: Any, max_bytes: int | None = None) -> bytes:
     """Encoded image bytes from a table cell.
 
     Args:
         value: base64 text (optionally a ``data:...;base64,`` URI, line-wrapped or without ``=``
             padding, as released files have them), raw bytes, or a ``{"bytes": ...}`` struct.
+        max_bytes: decode only the first ``max_bytes`` bytes (up to 2 more from base64 text) when the
+            image is longer: enough to read a header without decoding a large image's base64.
 
     Returns:
-        The encoded image file's bytes (not checked to be an image: decoding does that).
+        The encoded image file's bytes, or their first part (not checked to be an image: decoding
+        does that).
 
     Raises:
         ValueError: ``value`` is empty, null, or text that is not base64.
@@ -50,19 +53,34 @@ def decode_image_field(value: Any) -> bytes:
     if isinstance(value, dict) and "bytes" in value:
         value = value["bytes"]
     if isinstance(value, (bytes, bytearray)) and value:
-        return bytes(value)
+        return bytes(value if max_bytes is None else value[:max_bytes])
     if isinstance(value, str) and value:
         payload = value.split(",", 1)[1] if value.startswith("data:") else value
-        payload = "".join(payload.split())
-        payload += "=" * (-len(payload) % 4)
         try:
-            decoded = base64.b64decode(payload, validate=True)
+            decoded = base64.b64decode(_base64_characters(payload, max_bytes), validate=True)
         except (binascii.Error, ValueError):
             decoded = b""
         if decoded:
             return decoded
     shown = repr(value)
     raise ValueError(f"holds no base64-encoded image ({shown[:77] + '...' if len(shown) > 80 else shown})")
+
+
+def _base64_characters(payload: str, max_bytes: int | None) -> str:
+    """``payload`` without whitespace and padded; with ``max_bytes``, only the whole quads that hold
+    the first ``max_bytes`` bytes when the payload is longer (read without stripping all of it)."""
+    if max_bytes is None:
+        characters = "".join(payload.split())
+    else:
+        needed = -(-max_bytes // 3) * 4
+        end = needed
+        characters = "".join(payload[:end].split())
+        while len(characters) < needed and end < len(payload):  # line breaks took some of the room
+            end *= 2
+            characters = "".join(payload[:end].split())
+        if len(characters) >= needed:
+            return characters[:needed]
+    return characters + "=" * (-len(characters) % 4)
 
 
 def read_image_ref(ref: ImageRef) -> bytes:
@@ -128,27 +146,12 @@ class _TextReader:
         return fields[self.header.index(ref.column)]
 
 
-_LOCK = threading.Lock()
-_READERS: OrderedDict[tuple[str, int, int], _ParquetReader | _TextReader] = OrderedDict()
-_READERS_PID = os.getpid()
-
-
 def _reader(ref: ImageRef) -> _ParquetReader | _TextReader:
-    global _READERS_PID
-    key = (ref.path, ref.mtime_ns, ref.size)
-    with _LOCK:
-        if _READERS_PID != os.getpid():
-            # A forked child must not share the parent's file positions or locks.
-            _READERS.clear()
-            _READERS_PID = os.getpid()
-        reader = _READERS.get(key)
-        if reader is not None:
-            _READERS.move_to_end(key)
-            return reader
-    opened = _ParquetReader(ref.path) if ref.path.lower().endswith(".parquet") else _TextReader(ref.path)
-    with _LOCK:
-        reader = _READERS.setdefault(key, opened)
-        _READERS.move_to_end(key)
-        while len(_READERS) > OPEN_TABLES_MAX:
-            _READERS.popitem(last=False)
-    return reader
+    # The pid in the key: a forked child must not share the parent's file positions or locks.
+    return _open_table(ref.path, ref.mtime_ns, ref.size, os.getpid())
+
+
+@functools.lru_cache(maxsize=OPEN_TABLES_MAX)
+def _open_table(path: str, mtime_ns: int, size: int, pid: int) -> _ParquetReader | _TextReader:
+    """An open reader of the table file as it was at ``(mtime_ns, size)``, one per process."""
+    return _ParquetReader(path) if path.lower().endswith(".parquet") else _TextReader(path)

@@ -212,7 +212,7 @@ def test_capacity_zero_decodes_every_time():
 
 def test_lru_evicts_least_recently_used_under_the_byte_budget():
     samples = [sample_of(encode(Image.new("RGB", (100, 100), (i, 0, 0))), f"s{i}") for i in range(3)]
-    set_image_cache_capacity(2 * 100 * 100 * 3)  # room for two decoded images
+    set_image_cache_capacity(2 * 100 * 100 * 4)  # room for two decoded images (4 bytes per RGB pixel)
     load_image(samples[0])
     load_image(samples[1])
     load_image(samples[0])  # 0 is now the most recent
@@ -222,7 +222,7 @@ def test_lru_evicts_least_recently_used_under_the_byte_budget():
     assert image_cache_info().decodes == decodes
     load_image(samples[1])
     assert image_cache_info().decodes == decodes + 1
-    assert image_cache_info().bytes <= 2 * 100 * 100 * 3
+    assert image_cache_info().bytes <= 2 * 100 * 100 * 4
 
 
 def test_newest_image_is_kept_even_over_budget():
@@ -296,3 +296,169 @@ def test_view_source_rejects_bad_target_and_reports_missing_files(tmp_path):
         load_view_source(sample_of(encode(quadrants())), (0, 10))
     with pytest.raises(ImageLoadError, match=r"sample 'gone'.*gone\.jpg"):
         load_view_source(sample_of(tmp_path / "gone.jpg", "gone"), (10, 10))
+
+
+# ------------------------------------------------------------------- one budget for every pixel
+
+
+def test_cached_views_do_not_keep_evicted_originals_alive():
+    # 32 envs on 4K images held 605-759 MiB outside a 128 MiB budget: each cached view pinned its original.
+    import gc
+    import weakref
+
+    from envs.geometry import Box
+    from envs.views import ViewBudget, make_view
+
+    first, second = (sample_of(encode(Image.new("RGB", (150, 100), (i, 0, 0))), f"s{i}") for i in (1, 2))
+    original = load_image(first)
+    view, _ = make_view(original, Box(0, 0, 150, 100), ViewBudget(), sample_id="s1", kind="original")
+    assert make_view(original, Box(0, 0, 150, 100), ViewBudget(), sample_id="s1", kind="original")[0] is view
+    set_image_cache_capacity(image_cache_info().bytes + 1000)  # room for one original and its view
+    alive = weakref.ref(original)
+    del original
+    load_image(second)  # evicts the first original
+    gc.collect()
+    assert alive() is None
+    assert image_cache_info().bytes <= image_cache_info().max_bytes
+
+
+def test_views_are_charged_to_the_image_budget_and_not_cached_when_it_is_zero():
+    from envs.geometry import Box
+    from envs.views import ViewBudget, make_view
+
+    original = Image.new("RGB", (150, 100), "white")
+    before = image_cache_info().bytes
+    view, info = make_view(original, Box(0, 0, 150, 100), ViewBudget(), sample_id="s", kind="original")
+    assert image_cache_info().bytes - before == info.shown_size[0] * info.shown_size[1] * 4
+    set_image_cache_capacity(0)
+    again = make_view(original, Box(0, 0, 150, 100), ViewBudget(), sample_id="s", kind="original")[0]
+    assert again is not make_view(original, Box(0, 0, 150, 100), ViewBudget(), sample_id="s", kind="original")[0]
+    assert image_cache_info().entries == 0
+
+
+def test_budget_charges_what_pillow_holds_per_pixel():
+    # Pillow keeps an RGB pixel in 4 bytes: charging 3 let the cache hold a third more than its budget.
+    load_image(sample_of(encode(Image.new("RGB", (100, 50)))))
+    assert image_cache_info().bytes == 100 * 50 * 4
+
+
+# ------------------------------------------------------------------ decoding memory and failures
+
+_PEAK_CHILD = """
+import json, resource, sys
+def status(field):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+from envs.data import ImageLoadError, Sample, load_image
+sample = Sample("big-1", sys.argv[1], "q?", ("a", "b"), "A")
+if sys.argv[2] == "limit":  # room for the interpreter, not for the pixels: the decode runs out of memory
+    limit = status("VmSize") + 64 * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+before = status("VmRSS")
+try:
+    load_image(sample)
+    print(json.dumps({"peak": status("VmHWM") - before}))
+except ImageLoadError as error:
+    print(json.dumps({"error": str(error), "sample_id": error.sample_id}))
+"""
+
+
+def decode_in_child(path, mode: str = "measure") -> dict:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(path), mode], cwd=root, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_decoding_memory_is_bounded_by_pixels_not_by_file_size(tmp_path):
+    # Kilobyte files of 16 MP each: the 16-bit one peaked at ~30 bytes per pixel (float64 copies), the
+    # palette one with transparency at ~16 (four RGBA-sized copies). Now: the decoder's pixels plus the
+    # RGB result (4 bytes), converted a tile at a time.
+    side = 4000
+    grey16 = tmp_path / "grey16.png"
+    ramp = (np.arange(side, dtype=np.uint32) * 65535 // side).astype(np.uint16)
+    Image.fromarray(np.broadcast_to(ramp, (side, side)).copy()).save(grey16)
+    palette = Image.new("P", (side, side), 0)
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    alpha = tmp_path / "palette.png"
+    palette.save(alpha, transparency=0)
+    for path, decoder_bytes in ((grey16, 2), (alpha, 1)):
+        assert path.stat().st_size < 300_000
+        peak = decode_in_child(path)["peak"]
+        assert peak < (decoder_bytes + 4 + 1) * side * side + (32 << 20), (path.name, peak / side / side)
+
+
+def test_running_out_of_memory_is_an_image_load_error_naming_file_and_sample(tmp_path):
+    path = tmp_path / "huge16.png"
+    Image.fromarray(np.zeros((6000, 6000), np.uint16)).save(path)
+    result = decode_in_child(path, "limit")
+    assert result["sample_id"] == "big-1"
+    assert "huge16.png" in result["error"] and "memory" in result["error"]
+
+
+def test_conversions_tile_by_tile_equal_whole_image_conversions(monkeypatch):
+    import envs.data.images as images
+
+    monkeypatch.setattr(images, "DECODE_TILE_PIXELS", 64)  # a 40 x 40 image in tiles of one row or so
+    rng = np.random.default_rng(0)
+    deep = np.zeros((40, 40), np.uint16)
+    deep[:20] = 256  # the top tiles alone look 8-bit: the scale must come from the whole image
+    deep[20:] = rng.integers(0, 65536, size=(20, 40))
+    rgb = np.asarray(load_image(sample_of(encode(Image.fromarray(deep)), "deep")))
+    assert np.array_equal(rgb[..., 0], np.round(deep * (255 / 65535)).astype(np.uint8))
+    palette = Image.fromarray(rng.integers(0, 4, size=(40, 40), dtype=np.uint8), "P")
+    palette.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 9, 9, 9] + [0] * 756)
+    palette.info["transparency"] = bytes([0, 128, 255, 255])
+    flat = Image.alpha_composite(Image.new("RGBA", (40, 40), "white"), palette.convert("RGBA")).convert("RGB")
+    loaded = load_image(sample_of(encode(palette), "palette"))
+    assert np.array_equal(np.asarray(loaded), np.asarray(flat))
+
+
+def test_fifo_or_folder_as_an_image_path_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def load():
+        try:
+            load_image(sample_of(fifo, "fifo-1"))
+        except ImageLoadError as error:
+            outcome.append(str(error))
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():  # blocked in open(): let it go before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("opening a FIFO blocked")
+    assert len(outcome) == 1 and "fifo-1" in outcome[0] and "pipe.jpg" in outcome[0]
+    assert "not a regular file" in outcome[0]
+    with pytest.raises(ImageLoadError, match=r"sample 'dir-1'.*is a folder"):
+        image_size(sample_of(tmp_path, "dir-1"))
+
+
+def test_header_check_refuses_too_many_pixels_and_unconvertible_modes():
+    from envs.data import check_image
+
+    # 20000 x 20000 = 400 MP: Pillow only warns below twice its limit; a decode would take ~3 GiB.
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(
+        ImageLoadError, match=r"sample 'wide'.*20000x20000 = 400,000,000 pixels, which exceeds limit MAX_IMAGE_PIXELS"
+    ):
+        check_image(sample_of(png_header(20000, 20000), "wide"))
+    with pytest.raises(ImageLoadError, match=r"sample 'la'.*pixel mode 'La'"):
+        check_image(sample_of(Image.new("La", (4, 4)), "la"))
+    assert check_image(sample_of(png_header(7680, 4320))) == (7680, 4320)
+
+
+def test_image_load_error_names_the_sample_and_source_and_pickles():
+    import pickle
+
+    with pytest.raises(ImageLoadError) as caught:
+        load_image(sample_of(b"junk", "mme-3"))
+    error = pickle.loads(pickle.dumps(caught.value))
+    assert (error.sample_id, error.source, str(error)) == ("mme-3", "embedded bytes", str(caught.value))

@@ -275,14 +275,13 @@ def test_mme_realworld_bad_records_name_file_line_and_key(tmp_path, key, value, 
         load_mme_realworld(path)
 
 
-def test_mme_realworld_corrupt_image_is_reported_when_loaded(tmp_path):
+def test_mme_realworld_corrupt_image_is_reported_when_the_dataset_loads(tmp_path):
     records = mme_records()
     records[0]["bytes"] = base64.b64encode(b"not an image").decode()
     path = tmp_path / "mme.jsonl"
     write_jsonl(path, records)
-    sample = load_mme_realworld(path)[0]
     with pytest.raises(ImageLoadError, match=r"sample '7'.*mme\.jsonl' line 1 key 'bytes'"):
-        load_image(sample)
+        load_mme_realworld(path)
 
 
 # ------------------------------------------------------------------------------------- HR-Bench
@@ -354,10 +353,10 @@ def test_hrbench_rows_referring_to_another_rows_image(tmp_path, fmt):
     assert all(s.image is samples[0].image for s in samples)  # one ImageRef (row 0), decoded once
     assert isinstance(samples[0].image, ImageRef) and samples[0].image.row == 0
     assert load_image(samples[3]).size == (24, 16)
-    rows[1]["image"] = "999"  # names no row: read as (broken) base64, reported when decoded
+    rows[1]["image"] = "999"  # names no row: read as (broken) base64, reported when the dataset loads
     write_tsv(path := tmp_path / "bad.tsv", rows)
     with pytest.raises(ImageLoadError, match=r"sample '101'.*bad\.tsv' row 1 column 'image'"):
-        load_image(load_hrbench(path)[1])
+        load_hrbench(path)
 
 
 def test_hrbench_large_base64_fields_in_tsv(tmp_path):
@@ -475,3 +474,161 @@ def test_sample_takes_boxes_as_box_or_the_benchmarks_four_numbers():
         Sample("s", b"", "q?", ("a", "b"), "A", boxes=[[1, 2, 3]])
     with pytest.raises(ValueError, match="sample 's'.*x1 < x2"):
         Sample("s", b"", "q?", ("a", "b"), "A", boxes=[[30, 2, 1, 40]])
+
+
+# ------------------------------------------------------------------------ what a dataset may hold
+
+
+def write_dataset(folder, image: str = "images/cat.png", **record) -> object:
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    tiny_image(7).save(folder / "images" / "cat.png")
+    path = folder / "train.jsonl"
+    write_jsonl(path, [{**generic_records()[0], "image": image, **record}])
+    return path
+
+
+def test_image_paths_leaving_the_dataset_folder_are_refused_unless_allowed(tmp_path):
+    data = tmp_path / "data"
+    tiny_image(1).save(tmp_path / "secret.png")
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "link.png").symlink_to(tmp_path / "secret.png")
+    for written in ("../secret.png", str(tmp_path / "secret.png"), "images/link.png", "images/../../secret.png"):
+        path = write_dataset(data, image=written)
+        with pytest.raises(ValueError, match=r"train\.jsonl' line 1, key 'image': expects a path inside the "
+                           r"dataset folder .*sample 'cat-17'.*allow_outside_root=True.*secret\.png"):
+            load_jsonl(path)
+        (sample,) = load_jsonl(path, allow_outside_root=True)
+        assert load_image(sample).size == (24, 16)
+    inside = write_dataset(data, image=str(data / "images" / "cat.png"))  # absolute, but inside: fine
+    assert load_jsonl(inside)[0].id == "cat-17"
+
+
+def test_vstar_image_paths_follow_the_same_rule(tmp_path):
+    make_vstar(tmp_path / "vstar")
+    moved = tmp_path / "vstar" / "direct_attributes" / "sa_4690.jpg"
+    moved.rename(tmp_path / "sa_4690.jpg")
+    moved.symlink_to(tmp_path / "sa_4690.jpg")
+    with pytest.raises(ValueError, match=r"line 1, key 'image': expects a path inside the dataset folder.*"
+                       r"sample 'direct_attributes/sa_4690'"):
+        load_vstar(tmp_path / "vstar")
+    assert len(load_vstar(tmp_path / "vstar", allow_outside_root=True)) == 2
+
+
+def test_bad_images_fail_at_load_naming_the_file_line_and_sample(tmp_path):
+    path = write_dataset(tmp_path)
+    (tmp_path / "images" / "cat.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(ImageLoadError, match=r"train\.jsonl' line 1: .*sample 'cat-17'.*cat\.png.*not a decodable"):
+        load_jsonl(path)
+    make_vstar(tmp_path / "vstar")
+    (tmp_path / "vstar" / "relative_position" / "sa_10.jpg").write_bytes(b"GIF89a")
+    with pytest.raises(ImageLoadError, match=r"line 2: .*sample 'relative_position/sa_10'"):
+        load_vstar(tmp_path / "vstar")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_table_cells_that_are_not_images_fail_at_load(tmp_path, fmt):
+    records = mme_records()
+    records[1]["bytes"] = base64.b64encode(b"not an image").decode()
+    path = tmp_path / f"mme.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(records), path)
+    else:
+        write_jsonl(path, records)
+    where = "line 2 key" if fmt == "jsonl" else "row 1 column"
+    with pytest.raises(ImageLoadError, match=rf"sample '8'.*mme\.{fmt}' {where} 'bytes' is not a decodable image"):
+        load_mme_realworld(path)
+
+
+def test_hrbench_without_an_image_column_fails_at_load(tmp_path):
+    path = tmp_path / "hr.tsv"
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HR_COLUMNS[:-1], delimiter="\t", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(hr_rows())
+    with pytest.raises(ValueError, match=r"hr\.tsv': expects a column 'image', actual columns: \['index'"):
+        load_hrbench(path)
+
+
+def test_header_checks_show_a_progress_bar_for_large_sets(tmp_path, monkeypatch, capsys):
+    import envs.data.loaders as loaders
+
+    path = write_dataset(tmp_path)
+    load_jsonl(path)
+    assert "images" not in capsys.readouterr().err  # small sets stay quiet
+    monkeypatch.setattr(loaders, "PROGRESS_MIN_IMAGES", 1)
+    load_jsonl(path)
+    assert "checking images of train.jsonl" in capsys.readouterr().err
+
+
+def test_data_files_that_are_folders_fifos_or_not_text_name_the_file_and_line(tmp_path):
+    import os
+
+    with pytest.raises(ValueError, match=r"Expects a jsonl file, actual: .* is a folder"):
+        load_jsonl(tmp_path)
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(ValueError, match=r"pipe\.jsonl' is not a regular file"):
+        load_jsonl(tmp_path / "pipe.jsonl")
+    good = json.dumps(generic_records()[0]).encode()
+    path = write_dataset(tmp_path)
+    path.write_bytes(good + b"\n" + b'{"id": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"train\.jsonl' line 2: expects UTF-8 text, actual: byte 0xe9 at column 12"):
+        load_jsonl(path)
+    path.write_bytes(good + b"\n" + b"[" * 100_000 + b"\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl' line 2: expects a JSON object, actual: nested deeper"):
+        load_jsonl(path)
+    hr = tmp_path / "hr.tsv"
+    write_tsv(hr, hr_rows())
+    hr.write_bytes(hr.read_bytes().replace(b"green", b"gr\xffen", 1))
+    with pytest.raises(ValueError, match=r"hr\.tsv' line 2: expects UTF-8 text, actual: byte 0xff"):
+        load_hrbench(hr)
+    (tmp_path / "mme.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match=r"mme\.parquet': expects a parquet file, actual: .*"):
+        load_mme_realworld(tmp_path / "mme.parquet")
+    make_vstar(tmp_path / "vstar")
+    (tmp_path / "vstar" / "relative_position" / "sa_10.json").write_bytes(b"[" * 100_000)
+    with pytest.raises(ValueError, match=r"sa_10\.json': expects a JSON object, actual: nested deeper"):
+        load_vstar(tmp_path / "vstar")
+
+
+def test_corrupt_parquet_data_pages_name_the_file(tmp_path):
+    path = tmp_path / "mme.parquet"
+    pq.write_table(pa.Table.from_pylist(mme_records()), path, compression="none")
+    data = bytearray(path.read_bytes())
+    start = data.index(b"What is the license")
+    data[start : start + 64] = b"\xff" * 64  # inside a data page; the footer still parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"mme\.parquet'"):
+        load_mme_realworld(path)
+
+
+def test_table_cells_are_checked_from_their_first_bytes_unless_the_header_is_longer(tmp_path, monkeypatch):
+    import envs.data.loaders as loaders
+
+    monkeypatch.setattr(loaders, "HEADER_CHECK_BYTES", 4096)
+    seen = []
+    monkeypatch.setattr(loaders, "check_image", lambda sample, encoded: seen.append(len(encoded)) or check(sample, encoded))
+    check = __import__("envs.data.images", fromlist=["check_image"]).check_image
+    records = mme_records()
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 120, 3), dtype=np.uint8))
+    for record, comment in zip(records, (b"", b"x" * 8000)):  # a header longer than 4096 bytes in the second
+        buffer = io.BytesIO()
+        noise.save(buffer, "JPEG", quality=95, comment=comment)
+        record["bytes"] = base64.b64encode(buffer.getvalue()).decode()
+        assert len(buffer.getvalue()) > 4 * 4096
+    path = tmp_path / "mme.parquet"
+    pq.write_table(pa.Table.from_pylist(records), path)
+    first, second = load_mme_realworld(path)
+    assert seen[0] <= 4096 + 2 and seen[1] <= 4096 + 2 and 4 * 4096 <= seen[2] <= 4 * 4096 + 2  # the second: 4x more
+    assert load_image(first).size == load_image(second).size == (120, 120)
+
+
+def test_decoding_the_first_bytes_of_a_cell_with_line_breaks_and_without_padding():
+    from envs.data.tables import decode_image_field
+
+    raw = png_bytes(tiny_image(9, (64, 64)))
+    text = base64.b64encode(raw).decode().rstrip("=")
+    wrapped = "\n".join(text[i : i + 8] for i in range(0, len(text), 8))  # a third of it line breaks
+    for cell in (text, wrapped, "data:image/png;base64," + wrapped, raw, {"bytes": raw}):
+        head = decode_image_field(cell, max_bytes=100)
+        assert raw.startswith(head) and 100 <= len(head) <= 102
+        assert decode_image_field(cell, max_bytes=len(raw) + 50) == decode_image_field(cell) == raw

@@ -9,11 +9,14 @@ import gymnasium as gym
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 import envs  # noqa: F401
-from envs.actions import BoxRules, extract_boxed, read_box
-from envs.geometry import Box
+from envs.actions import BoxRules, check_box, extract_boxed, read_box
+from envs.data import Sample
+from envs.geometry import Box, region_to_original
 from envs.rewards import match_answer
+from envs.views import MAX_ASPECT_RATIO, ViewBudget
 from tests.conftest import marker_sample
 
 OPTIONS = ("blue", "red", "green", "white")
@@ -117,3 +120,133 @@ def test_parsers_are_total(text: str, frame: str, clamp: bool) -> None:
     assert reading.valid == (reading.valid and reading.box_shown is not None)
     boxed = extract_boxed(text)
     assert match_answer(boxed, OPTIONS) in (None, "A", "B", "C", "D")
+
+
+# ------------------------------------------------------- any valid box under any view budget
+
+def budget_of(min_tokens: int, extra_tokens: int, merge: int) -> ViewBudget | None:
+    """A budget of ``min_tokens .. min_tokens + extra_tokens`` visual tokens, or None if it holds no grid."""
+    factor = 14 * merge
+    try:
+        return ViewBudget(min_pixels=min_tokens * factor**2, max_pixels=(min_tokens + extra_tokens) * factor**2,
+                          merge_size=merge)
+    except ValueError:
+        return None
+
+
+def assert_processor_accepts(budget: ViewBudget, shown: tuple[int, int]) -> None:
+    """Sides multiples of the factor, area in budget, aspect <= 200: the processor leaves it alone."""
+    w, h = shown
+    assert w % budget.factor == 0 and h % budget.factor == 0 and w > 0 and h > 0
+    assert budget.min_pixels <= w * h <= budget.max_pixels
+    assert max(w, h) / min(w, h) <= MAX_ASPECT_RATIO
+    assert budget.shown_size(w, h) == shown
+
+
+def test_valid_box_under_a_tight_budget_is_answered_with_a_crop() -> None:
+    # The issue's repro: the 3000x30 image is shown at 1876x84 (aspect 22, not 100: the only in-budget
+    # grid of 201 tokens is 67 x 3), so a full-width box 29 px high maps to a 3000 x 10.4 region
+    # (aspect 289) in the original, which make_view used to refuse with a ValueError.
+    sample = Sample("wide", Image.new("RGB", (3000, 30), "white"), "q?", ("a", "b"), "A")
+    budget = {"min_pixels": 784 * 201, "max_pixels": 784 * 201}
+    env = gym.make("zoomgym/ZoomEnv-v0", dataset=[sample], view_budget=budget)
+    chat, _ = env.reset(seed=0)
+    assert chat[1]["content"][0]["view"].shown_size == (1876, 84)
+    chat, _, _, _, info = env.step('[{"bbox_2d": [0, 0, 1876, 29]}]')
+    assert info["box_valid"] and info["action"] == "zoom"
+    crop = chat[-1]["content"][1]["view"]
+    assert crop.kind == "crop" and crop.region.width / crop.region.height > 200
+    assert_processor_accepts(env.unwrapped.view_budget, crop.shown_size)
+
+
+def extreme_boxes(shown: tuple[int, int], rules: BoxRules, factor: int) -> list[Box]:
+    """The valid boxes of most extreme aspect in an image of ``shown`` pixels: full length one way,
+    just over the minimum side (or just under the aspect limit) the other."""
+    w, h = shown
+    side = factor + 1e-3
+    boxes = []
+    for long_w, long_h in ((w, side), (side, h)):
+        boxes.append(Box(0, 0, min(long_w, w), min(long_h, h)))
+        # The aspect limit rather than the side limit binds when the image is long enough.
+        if long_w == w and w / rules.max_aspect * 1.0001 < h:
+            boxes.append(Box(0, 0, w, w / rules.max_aspect * 1.0001))
+        if long_h == h and h / rules.max_aspect * 1.0001 < w:
+            boxes.append(Box(0, 0, h / rules.max_aspect * 1.0001, h))
+    return boxes
+
+
+def test_the_most_extreme_valid_boxes_give_views_the_processor_accepts() -> None:
+    # Analytic: over a grid of budgets (tight and loose) and image sizes (every aspect up to 1:400),
+    # the thinnest valid box at reset's view and again in the crop it gives (crops of crops).
+    rules, checked = BoxRules(), 0
+    for merge in (1, 2):
+        for min_tokens in (1, 64, 199, 201, 1024):
+            for extra in (0, 1, 1024):
+                budget = budget_of(min_tokens, extra, merge)
+                if budget is None:
+                    continue
+                for width in (1, 29, 387, 1000, 3000, 12000):
+                    for aspect in (1, 7.5, 99, 163.6, 200, 260, 400):
+                        for size in ((width, width * aspect), (width * aspect, width)):
+                            region = Box(0, 0, *size)
+                            for _depth in range(3):
+                                shown = budget.shown_size(region.width, region.height)
+                                assert_processor_accepts(budget, shown)
+                                scale = (region.width / shown[0], region.height / shown[1])
+                                accepted = [check_box(b, shown, scale, rules, budget.factor)
+                                            for b in extreme_boxes(shown, rules, budget.factor)]
+                                accepted = [b for b in accepted if b is not None]
+                                checked += len(accepted)
+                                if not accepted:
+                                    break
+                                region = region_to_original(accepted[-1], region, shown)
+    assert checked > 1000
+
+
+# (min tokens, extra tokens, merge size): tight budgets (201 tokens hold only a 67 x 3 grid; 399 only
+# 21 x 19 or 133 x 3), near-tight and loose ones. An env is built once per setting (a Text action space
+# takes about 0.2 s to build); the image changes with every example.
+BUDGETS = [(201, 0, 2), (399, 0, 2), (1, 0, 2), (64, 1, 1), (256, 1024, 2), (12, 2, 1)]
+_ENVS: dict[tuple, gym.Env] = {}
+
+
+def env_for(budget: tuple[int, int, int], frame: str, clamp: bool) -> gym.Env:
+    key = (budget, frame, clamp)
+    if key not in _ENVS:
+        _ENVS[key] = gym.make("zoomgym/ZoomEnvMultiTurn-v0", dataset=[marker_sample()], view_budget=budget_of(*budget),
+                              coord_frame=frame, clamp=clamp, resample="nearest").unwrapped
+    return _ENVS[key]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    budget=st.sampled_from(BUDGETS),
+    width=st.integers(1, 6000),
+    aspect=st.floats(1 / 300, 300),
+    boxes=st.lists(st.tuples(*[st.floats(-0.1, 1.1)] * 4), min_size=3, max_size=3),
+    frame=st.sampled_from(["qwen25", "norm1000", "relative"]),
+    clamp=st.booleans(),
+)
+def test_any_box_under_any_budget_gets_an_answer(
+    budget: tuple[int, int, int], width: int, aspect: float, boxes: list[tuple[float, ...]], frame: str, clamp: bool
+) -> None:
+    height = max(1, round(width / aspect))
+    if width * height > 2_000_000:  # keep each example's image cheap
+        return
+    sample = Sample("s", Image.new("RGB", (width, height), "grey"), "q?", ("a", "b"), "A")
+    env = env_for(budget, frame, clamp)
+    chat, info = env.reset(options={"sample": sample})
+    for fractions in boxes:  # each box in fractions of the image shown last
+        shown = [p["view"] for m in chat for p in m["content"] if p["type"] == "image"][-1].shown_size
+        assert_processor_accepts(env.view_budget, shown)
+        scale = {"qwen25": shown, "norm1000": (1000, 1000), "relative": (1, 1)}[frame]
+        written = [f * scale[i % 2] for i, f in enumerate(fractions)]
+        chat, _, terminated, truncated, info = env.step(f"[{', '.join(repr(v) for v in written)}]")
+        assert_defined_anywhere(info)
+        if terminated or truncated:
+            break
+
+
+def assert_defined_anywhere(info: dict) -> None:
+    assert info["action"] in ("zoom", "answer", "invalid")
+    assert info["box_valid"] == (info["action"] == "zoom")

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from envs.geometry import Box
-from envs.views import RESAMPLING, ViewBudget, make_view
+from envs.views import MAX_ASPECT_RATIO, RESAMPLING, ViewBudget, make_view
 
 BUDGET = ViewBudget()
 
@@ -41,20 +41,21 @@ def test_shown_size_matches_the_processor(case: tuple[int, int, int], expected: 
     assert ViewBudget(merge_size=merge).shown_size(width, height) == expected
 
 
+def assert_accepted_fixed_point(budget: ViewBudget, shown: tuple[int, int]) -> None:
+    """A size the processor accepts (aspect <= 200) and leaves alone: in budget, factor multiples."""
+    w, h = shown
+    assert w % budget.factor == 0 and h % budget.factor == 0 and w > 0 and h > 0
+    assert budget.min_pixels <= w * h <= budget.max_pixels
+    assert max(w, h) / min(w, h) <= MAX_ASPECT_RATIO
+    assert budget.shown_size(w, h) == shown
+
+
 @settings(max_examples=300, deadline=None)
-@given(width=st.integers(1, 9000), height=st.integers(1, 9000), merge=st.sampled_from([1, 2]))
+@given(width=st.integers(1, 70000), height=st.integers(1, 70000), merge=st.sampled_from([1, 2]))
 def test_shown_size_contract(width: int, height: int, merge: int) -> None:
+    # Every aspect, 1:70000 included: an image or region beyond 200 is shown squeezed to 200.
     budget = ViewBudget(merge_size=merge)
-    if max(width, height) / min(width, height) > 200:
-        with pytest.raises(ValueError, match="aspect ratio"):
-            budget.shown_size(width, height)
-        return
-    shown_w, shown_h = budget.shown_size(width, height)
-    assert shown_w % budget.factor == 0 and shown_h % budget.factor == 0
-    if max(width, height) / min(width, height) <= 50:  # extreme aspects may pin a side at one factor
-        assert budget.min_pixels <= shown_w * shown_h <= budget.max_pixels
-        # Idempotent: the processor leaves an image at its shown size alone.
-        assert budget.shown_size(shown_w, shown_h) == (shown_w, shown_h)
+    assert_accepted_fixed_point(budget, budget.shown_size(width, height))
 
 
 @settings(max_examples=300, deadline=None)
@@ -73,12 +74,43 @@ def test_tight_budgets_give_fixed_points_inside_the_budget(
     except ValueError:  # e.g. exactly 317 tokens: a prime above 200 makes no grid of aspect <= 200
         assert extra_tokens == 0 and min_tokens > 200
         return
-    if max(width, height) / min(width, height) > 50:  # extreme aspects may find no in-budget size
+    assert_accepted_fixed_point(budget, budget.shown_size(width, height))
+
+
+def test_extreme_aspect_original_is_shown_at_a_size_the_processor_accepts() -> None:
+    # 387x63306 (aspect 164) rounds to 56x12796 (aspect 228) under Qwen's smart resize; the adapter's
+    # processor then refused it mid-rollout ("absolute aspect ratio must be smaller than 200").
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    budget = ViewBudget()
+    for width, height in ((387, 63306), (63306, 387), (10, 3000), (1, 16384), (16384, 60)):
+        w, h = budget.shown_size(width, height)
+        assert_accepted_fixed_point(budget, (w, h))
+        assert smart_resize(h, w, budget.factor, budget.min_pixels, budget.max_pixels) == (h, w)
+    assert budget.shown_size(387, 63306) == (56, 9156)  # aspect 163.5, the closest to 163.6 in budget
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    width=st.floats(1, 70000),
+    height=st.floats(1, 70000),
+    min_tokens=st.integers(1, 1300),
+    extra_tokens=st.sampled_from([0, 1, 3, 50, 1000]),
+    merge=st.sampled_from([1, 2]),
+)
+def test_every_shown_size_is_left_alone_by_the_real_processor(
+    width: float, height: float, min_tokens: int, extra_tokens: int, merge: int
+) -> None:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    factor = 14 * merge
+    try:
+        budget = ViewBudget(min_pixels=min_tokens * factor**2, max_pixels=(min_tokens + extra_tokens) * factor**2,
+                            merge_size=merge)
+    except ValueError:
         return
-    shown = budget.shown_size(width, height)
-    assert shown[0] % 28 == 0 and shown[1] % 28 == 0
-    assert budget.min_pixels <= shown[0] * shown[1] <= budget.max_pixels
-    assert budget.shown_size(*shown) == shown
+    w, h = budget.shown_size(width, height)
+    assert smart_resize(h, w, factor, budget.min_pixels, budget.max_pixels) == (h, w)
 
 
 def test_equal_min_and_max_pixels_keep_the_shown_size_stable() -> None:

@@ -318,3 +318,33 @@ def test_chat_space_contains_sample_and_batching() -> None:
     assert len(batched) == 3 and all(s == space for s in batched)
     assert concatenate(space, [good, good], None) == (good, good)
     assert create_empty_array(space, 2) == ([], [])
+
+
+def test_async_make_vec_says_what_to_pass_and_works_with_it(marker: Sample) -> None:
+    with pytest.raises(ValueError, match=r"vector_kwargs=\{'shared_memory': False\}"):
+        gym.make_vec("zoomgym/ZoomEnv-v0", num_envs=2, vectorization_mode="async", dataset=[marker])
+    vec = gym.make_vec("zoomgym/ZoomEnv-v0", num_envs=2, vectorization_mode="async",
+                       vector_kwargs={"shared_memory": False}, dataset=[marker])
+    try:
+        chats, infos = vec.reset(seed=0)
+        assert isinstance(chats, tuple) and len(chats) == 2 and all(c in vec.single_observation_space for c in chats)
+        for text in (GOOD_BOX, "\\boxed{B}"):
+            chats, rewards, terminated, truncated, infos = vec.step((text, text))
+        assert terminated.all() and (rewards == 1.0).all() and list(infos["answer"]) == ["B", "B"]
+        assert len(images(chats[0])) == 2  # the view and the crop came back through the pipes
+    finally:
+        vec.close()
+
+
+def test_an_image_failing_mid_episode_raises_an_image_load_error_naming_the_sample(tmp_path) -> None:
+    # What a trainer catches to skip a sample: reset drafted the view, then the file went bad before
+    # the crop's full decode.
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (2400, 1800), "white").save(path, quality=90)
+    sample = Sample("gone-bad", str(path), "q?", ("a", "b"), "A")
+    env = gym.make("zoomgym/ZoomEnv-v0", dataset=[sample])
+    env.reset(seed=0)
+    path.write_bytes(path.read_bytes()[:400])
+    with pytest.raises(ImageLoadError, match=r"sample 'gone-bad'.*big\.jpg") as error:
+        env.step('[{"bbox_2d": [100, 100, 400, 400]}]')
+    assert error.value.sample_id == "gone-bad"
