@@ -9,7 +9,6 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from gymnasium.spaces import Text
 
 from envs.actions import BoxReading, BoxRules, extract_boxed, read_box
 from envs.data import Sample, image_size, load_image, load_view_source
@@ -17,27 +16,12 @@ from envs.geometry import Box, clamp_box, get_frame
 from envs.prompts import PromptTemplates
 from envs.render import render_episode
 from envs.rewards import answer_reward, match_answer
-from envs.spaces import Chat, ChatSpace, Message, Part
+from envs.spaces import ActionText, Chat, ChatSpace, Message, Part
 from envs.views import RESAMPLING, ViewBudget, ViewInfo, make_view
 
 PROTOCOLS = ("zoom", "direct")
 DEFAULT_DATASET_SIZE = 8
 TURN_KINDS = ("ground", "ground_or_answer", "answer")
-
-_ACTION_CHARSET: frozenset[str] | None = None
-
-
-def action_charset() -> frozenset[str]:
-    """Every printable character of the Basic Multilingual Plane, plus newline and tab.
-
-    Computed once (about 60K characters); astral-plane characters are left out only to keep
-    `gymnasium.spaces.Text` construction cheap: the env accepts any ``str`` as an action.
-    """
-    global _ACTION_CHARSET
-    if _ACTION_CHARSET is None:
-        printable = (chr(c) for c in range(0x20, 0x10000))
-        _ACTION_CHARSET = frozenset(ch for ch in printable if ch.isprintable()) | {"\n", "\t"}
-    return _ACTION_CHARSET
 
 
 class ZoomEnv(gym.Env[Chat, str]):
@@ -64,7 +48,8 @@ class ZoomEnv(gym.Env[Chat, str]):
     next user message. Every call returns new lists and dicts (images are shared, read-only).
 
     ## Action
-    The model's text (`gymnasium.spaces.Text`, any ``str`` is accepted; nothing in it can raise).
+    The model's text (`envs.spaces.ActionText`, a `gymnasium.spaces.Text`; any ``str`` is accepted
+    and nothing in it can raise).
     A box is Qwen2.5-VL grounding JSON ``[{"bbox_2d": [x1, y1, x2, y2], "label": "..."}]`` (fenced
     or not) or a bare ``[x1, y1, x2, y2]``, written in ``coord_frame`` relative to the image shown
     last; the first *valid* one counts (`envs.actions`). The answer is the last ``\boxed{...}``: an
@@ -194,7 +179,7 @@ class ZoomEnv(gym.Env[Chat, str]):
         self.render_mode = render_mode
 
         self.observation_space = ChatSpace(max_messages=2 * max_turns + 2)
-        self.action_space = Text(max_action_chars, min_length=0, charset=action_charset())
+        self.action_space = ActionText(max_action_chars)
 
         self._sample: Sample | None = None
         self._done = True
