@@ -43,9 +43,19 @@ Images. ``Sample.image`` is a `SyntheticCanvas`: the list of what to draw (a few
 cache, so a set of any size costs next to nothing until its images are shown. ``images="pil"``
 renders each image at once instead, for a caller that uses every image once (nothing cached).
 
-``Sample.meta`` holds the generation settings (``view_factor``, ``view_min_pixels``, ...), the
-sample's ``index``, and the colour name and box of the frame the question names (``target_frame``,
-``target_frame_box``).
+``Sample.meta`` holds the generation settings (``generator`` = ``"zoomgym.synthetic"``, ``seed``,
+``preset``, ``canvas_size``, ``view_min_pixels``, ``view_max_pixels``, ``patch_size``,
+``merge_size``, ``view_factor`` k, ``view_size`` (the shown side), ``target_size``,
+``distractors``, ``clutter``, ``option_order``) and what was drawn, in canvas pixels, boxes as
+``(x1, y1, x2, y2)`` ints with exclusive ends:
+
+- ``index``: the sample's index ``i``;
+- ``target_frame``, ``target_frame_box``: the colour name and box of the frame the question names;
+- ``frames``: every frame drawn, the target first: ``{"colour": name (a key of FRAME_COLOURS),
+  "box": frame box (outer edge of the ring), "checks": (patch, ...)}`` with one patch per checked
+  square, ``{"cell": (column, row), "box": patch box, "pair": a key of COLOUR_PAIRS}``:
+  ``attribute`` frames hold one patch, cell ``(0, 0)``; ``relative_position`` frames hold four,
+  cells ``(0, 0) (1, 0) (0, 1) (1, 1)`` of their 2 x 2 grid (column 0 left, row 0 top).
 """
 
 from __future__ import annotations
@@ -219,7 +229,7 @@ def synthetic(
 
     Returns:
         ``list[Sample]`` with 4 options, one ground-truth box each, and ``meta`` holding the
-        generation settings (see the module docstring).
+        generation settings and everything drawn (see the module docstring).
     """
     if preset not in SYNTHETIC_PRESETS:
         raise ValueError(f"Expects preset in {sorted(SYNTHETIC_PRESETS)}, actual: {preset!r}")
@@ -414,6 +424,7 @@ def _make_sample(
             "index": index,
             "target_frame": frame_names[0],
             "target_frame_box": frames[0]["box"],
+            "frames": tuple(frames),
         },
     )
 

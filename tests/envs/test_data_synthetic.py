@@ -16,10 +16,13 @@ from PIL import Image
 from envs.data import check_image, clear_image_cache, image_cache_info, image_size, load_image, synthetic
 from envs.data.synthetic import (
     COLOUR_PAIRS,
+    FRAME_COLOURS,
+    GREY,
     IMAGE_KINDS,
     RELATIONS,
     SYNTHETIC_PRESETS,
     SyntheticCanvas,
+    checks,
 )
 from envs.geometry import Box
 from envs.views import RESAMPLING, ViewBudget, make_view
@@ -323,3 +326,43 @@ def test_generating_is_never_the_bottleneck():
     # encoding PNGs took about 70 ms per item.
     assert seconds < 1.0, f"32 items took {seconds:.2f} s"
     assert len(samples) == 32
+
+
+@pytest.mark.parametrize("category", ["attribute", "relative_position"])
+def test_meta_records_every_frame_and_checked_square_drawn(category):
+    """A task can label regions from ``meta["frames"]`` alone: here each entry is checked against the pixels."""
+    samples = synthetic(4, seed=21, preset="cpu", categories=(category,))
+    for sample in samples:
+        pixels = np.asarray(load_image(sample))
+        meta = sample.meta
+        frames = meta["frames"]
+        assert len(frames) == 1 + meta["distractors"] and len({f["colour"] for f in frames}) == len(frames)
+        assert frames[0]["colour"] == meta["target_frame"] and frames[0]["box"] == meta["target_frame_box"]
+        thickness = 3 * meta["view_factor"]
+        for frame in frames:
+            x1, y1, x2, y2 = frame["box"]
+            ring = np.concatenate([pixels[y1:y1 + thickness, x1:x2].reshape(-1, 3),
+                                   pixels[y2 - thickness:y2, x1:x2].reshape(-1, 3)])
+            assert (ring == FRAME_COLOURS[frame["colour"]]).all()
+            assert tuple(pixels[y1 + thickness, x1 + thickness]) == (GREY, GREY, GREY)
+            expected_cells = {(0, 0)} if category == "attribute" else {(0, 0), (1, 0), (0, 1), (1, 1)}
+            assert {c["cell"] for c in frame["checks"]} == expected_cells
+            if category == "relative_position":
+                assert {c["pair"] for c in frame["checks"]} == set(COLOUR_PAIRS)
+            for patch in frame["checks"]:
+                px1, py1, px2, py2 = patch["box"]
+                assert x1 < px1 < px2 < x2 and y1 < py1 < py2 < y2
+                drawn = checks(meta["target_size"], meta["view_factor"], COLOUR_PAIRS[patch["pair"]])
+                assert np.array_equal(pixels[py1:py2, px1:px2], drawn)
+        target = frames[0]["checks"]
+        if category == "attribute":
+            assert target[0]["pair"] == sample.answer_text() and Box(*target[0]["box"]) == sample.boxes[0]
+        else:
+            asked = r"Where is the (.+) checked square relative to the (.+) checked"
+            first, second = re.search(asked, sample.question).groups()
+            by_pair = {c["pair"]: c for c in target}
+            p, q = by_pair[first], by_pair[second]
+            assert Box(*p["box"]).union(Box(*q["box"])) == sample.boxes[0]
+            (pc, pr), (qc, qr) = p["cell"], q["cell"]
+            relation = {(-1, 0): "left of it", (1, 0): "right of it", (0, -1): "above it", (0, 1): "below it"}
+            assert relation[(pc - qc, pr - qr)] == sample.answer_text()
