@@ -25,8 +25,11 @@ corner pixels of a patch can differ, by a few grey levels. A tight crop, enlarge
 budget, shows the checks in full colour. Outlines, glyphs or coloured text would leak, so the
 answer is never drawn any other way.
 
-The guarantee holds for the view budget the canvas was made for: train with the same
-``min_pixels``/``max_pixels``/patch geometry (stored in ``Sample.meta``) or regenerate.
+The guarantee holds for the view the canvas was made for: the budget in ``Sample.meta`` shows it at
+``view_size`` pixels. A budget that shows it at another size may show the answer (the `cpu`
+preset's 672 px canvas shown at 448 px instead of 224: its target patches differ from grey by 42
+levels on average instead of 0.5), so a ZoomEnv refuses such a sample at reset
+(`check_view_budget`); regenerate for that budget instead.
 
 Presets (`SYNTHETIC_PRESETS`; keyword arguments override them):
 
@@ -115,6 +118,8 @@ OPTION_ORDERS = ("shuffled", "fixed")
 IMAGE_KINDS = ("lazy", "pil")
 """`synthetic(images=...)`: a `SyntheticCanvas` rendered on first use, or the rendered PIL image."""
 GREY = 128  # the pattern's zero phase and the frames' inner margin
+GENERATOR = "zoomgym.synthetic"
+"""``Sample.meta["generator"]`` of every synthetic sample."""
 
 # Cells of the 2 x 2 grid as (column, row); for each relation, (cell of P, cell of Q) choices.
 _RELATION_CELLS = {
@@ -263,7 +268,7 @@ def synthetic(
             f"frames that fit the {geometry.canvas} px canvas), actual: {settings['distractors']!r}"
         )
     meta = {
-        "generator": "zoomgym.synthetic",
+        "generator": GENERATOR,
         "seed": seed,
         "preset": preset,
         **settings,
@@ -285,6 +290,39 @@ def synthetic(
             sample = dataclasses.replace(sample, image=sample.image.render())
         samples.append(sample)
     return samples
+
+
+def budget_made_for(sample: Sample) -> ViewBudget | None:
+    """The view budget a synthetic sample was made for (from its ``meta``); None for any other sample."""
+    meta = sample.meta
+    if meta.get("generator") != GENERATOR:
+        return None
+    return ViewBudget(meta["view_min_pixels"], meta["view_max_pixels"], meta["patch_size"], meta["merge_size"])
+
+
+def check_view_budget(sample: Sample, budget: ViewBudget) -> None:
+    """Raises ValueError if ``budget`` shows a synthetic sample at another size than it was made for.
+
+    Only the size matters: a budget that shows the canvas at the same size shows the same pixels
+    (the patch geometry only sets the token grid), so it hides the answer as well. Any other
+    sample passes.
+    """
+    made_for = budget_made_for(sample)
+    if made_for is None:
+        return
+    side = sample.meta["canvas_size"]
+    intended, shown = made_for.shown_size(side, side), budget.shown_size(side, side)
+    if shown != intended:
+        raise ValueError(
+            f"sample {sample.id!r}: expects a view budget that shows its {side}x{side} synthetic canvas at "
+            f"{intended[0]}x{intended[1]} px like the budget it was made for, {made_for}, where the checks "
+            f"average to grey; actual: {budget} shows it at {shown[0]}x{shown[1]} px, where the view may show "
+            f"the answer. Use that budget, regenerate the samples for this one (synthetic(..., "
+            f"view_min_pixels={budget.min_pixels}, view_max_pixels={budget.max_pixels}, "
+            f"patch_size={budget.patch_size}, merge_size={budget.merge_size}) with a canvas_size it "
+            f"shrinks by an integer factor), or pass check_view_budget=False to the env to show it at this "
+            f"budget on purpose"
+        )
 
 
 def _geometry(canvas: int, target: int, budget: ViewBudget) -> _Geometry:
