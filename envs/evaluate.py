@@ -153,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     import agents
     import envs  # noqa: F401  (registers the env ids)
     from envs.data import synthetic
+    from envs.data.synthetic import budget_made_for
 
     parser = argparse.ArgumentParser(prog="python -m envs.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--agent", nargs="+", choices=["oracle", "random"], default=["oracle", "random"])
@@ -165,9 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     args = parser.parse_args(argv)
 
     samples = synthetic(args.n, seed=args.seed, preset=args.preset)
-    meta = samples[0].meta
-    budget = {"min_pixels": meta["view_min_pixels"], "max_pixels": meta["view_max_pixels"],
-              "patch_size": meta["patch_size"], "merge_size": meta["merge_size"]}
+    budget = budget_made_for(samples[0])
     results = {}
     for name in args.agent:
         agent = agents.OracleAgent() if name == "oracle" else agents.RandomAgent(seed=args.seed)

@@ -9,35 +9,20 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from gymnasium.spaces import Text
 
 from envs.actions import BoxReading, BoxRules, extract_boxed, read_box
 from envs.data import Sample, image_size, load_image, load_view_source
+from envs.data.synthetic import check_view_budget
 from envs.geometry import Box, clamp_box, get_frame
 from envs.prompts import PromptTemplates
 from envs.render import render_episode
 from envs.rewards import answer_reward, match_answer
-from envs.spaces import Chat, ChatSpace, Message, Part
+from envs.spaces import ActionText, Chat, ChatSpace, Message, Part
 from envs.views import RESAMPLING, ViewBudget, ViewInfo, make_view
 
 PROTOCOLS = ("zoom", "direct")
 DEFAULT_DATASET_SIZE = 8
 TURN_KINDS = ("ground", "ground_or_answer", "answer")
-
-_ACTION_CHARSET: frozenset[str] | None = None
-
-
-def action_charset() -> frozenset[str]:
-    """Every printable character of the Basic Multilingual Plane, plus newline and tab.
-
-    Computed once (about 60K characters); astral-plane characters are left out only to keep
-    `gymnasium.spaces.Text` construction cheap: the env accepts any ``str`` as an action.
-    """
-    global _ACTION_CHARSET
-    if _ACTION_CHARSET is None:
-        printable = (chr(c) for c in range(0x20, 0x10000))
-        _ACTION_CHARSET = frozenset(ch for ch in printable if ch.isprintable()) | {"\n", "\t"}
-    return _ACTION_CHARSET
 
 
 class ZoomEnv(gym.Env[Chat, str]):
@@ -64,7 +49,8 @@ class ZoomEnv(gym.Env[Chat, str]):
     next user message. Every call returns new lists and dicts (images are shared, read-only).
 
     ## Action
-    The model's text (`gymnasium.spaces.Text`, any ``str`` is accepted; nothing in it can raise).
+    The model's text (`envs.spaces.ActionText`, a `gymnasium.spaces.Text`; any ``str`` is accepted
+    and nothing in it can raise).
     A box is Qwen2.5-VL grounding JSON ``[{"bbox_2d": [x1, y1, x2, y2], "label": "..."}]`` (fenced
     or not) or a bare ``[x1, y1, x2, y2]``, written in ``coord_frame`` relative to the image shown
     last; the first *valid* one counts (`envs.actions`). The answer is the last ``\boxed{...}``: an
@@ -118,6 +104,13 @@ class ZoomEnv(gym.Env[Chat, str]):
     | ``answer_on_last_turn`` | True | the last turn must answer (False: it may zoom, then truncates) |
     | ``max_action_chars`` | 100000 | ``action_space.max_length`` (longer text is still accepted) |
     | ``render_mode`` | None | ``"rgb_array"``: the original with every box, crops beside it |
+    | ``check_view_budget`` | True | refuse synthetic samples ``view_budget`` would show at another size |
+
+    A synthetic sample (`envs.data.synthetic`) hides its answer only in the view it was made for, so
+    ``reset`` raises ValueError, naming the sample and both budgets, when ``view_budget`` shows its
+    canvas at another size: the view may then show the answer, and RL would learn to read it there
+    instead of zooming. ``check_view_budget=False`` is for showing such a sample at other budgets on
+    purpose (a leak measurement, a resolution sweep, a speed benchmark), not for learning runs.
 
     Registered: ``zoomgym/ZoomEnv-v0`` (zoom, 2 turns), ``zoomgym/ZoomEnvMultiTurn-v0`` (zoom, 4
     turns), ``zoomgym/DirectVQA-v0`` (direct, 1 turn).
@@ -161,6 +154,7 @@ class ZoomEnv(gym.Env[Chat, str]):
         answer_on_last_turn: bool = True,
         max_action_chars: int = 100_000,
         render_mode: str | None = None,
+        check_view_budget: bool = True,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"Expects protocol in {PROTOCOLS}, actual: {protocol!r}")
@@ -173,6 +167,8 @@ class ZoomEnv(gym.Env[Chat, str]):
             raise ValueError(f"Expects resample in {sorted(RESAMPLING)}, actual: {resample!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"Expects render_mode in {self.metadata['render_modes']} or None, actual: {render_mode!r}")
+        if not isinstance(check_view_budget, bool):
+            raise TypeError(f"Expects check_view_budget to be a bool, actual: {check_view_budget!r}")
         get_frame(coord_frame)  # unknown frames fail here, with a suggestion
 
         self.dataset: Sequence[Sample] = _default_dataset() if dataset is None else dataset
@@ -192,9 +188,10 @@ class ZoomEnv(gym.Env[Chat, str]):
         self.prompts.frame_rule(coord_frame, (1, 1))  # a frame without a prompt rule fails here
         self.answer_on_last_turn = answer_on_last_turn
         self.render_mode = render_mode
+        self.check_view_budget = check_view_budget
 
         self.observation_space = ChatSpace(max_messages=2 * max_turns + 2)
-        self.action_space = Text(max_action_chars, min_length=0, charset=action_charset())
+        self.action_space = ActionText(max_action_chars)
 
         self._sample: Sample | None = None
         self._done = True
@@ -204,6 +201,8 @@ class ZoomEnv(gym.Env[Chat, str]):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Chat, dict]:
         super().reset(seed=seed)
         sample = self._choose_sample(options or {})
+        if self.check_view_budget:
+            check_view_budget(sample, self.view_budget)
         width, height = image_size(sample)  # ImageLoadError names the file and the sample
         shown = self.view_budget.shown_size(width, height)
         # A JPEG much larger than the view is draft-decoded: same view, a fraction of the decode.

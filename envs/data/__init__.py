@@ -2,7 +2,8 @@
 
 See `envs.data.loaders` for the formats each loader reads, `envs.data.synthetic` for the embedded
 synthetic benchmark, `envs.data.images` for decoding and caching and `envs.data.tables` for reading
-an `ImageRef` (an image stored in a cell of a parquet/TSV/jsonl file, read on demand).
+an `ImageRef` (an image stored in a cell of a parquet/TSV/jsonl file, read on demand). A
+`RenderedImage` is an image drawn on demand from a small description (the synthetic canvases).
 """
 
 from envs.data.images import (
@@ -27,7 +28,7 @@ from envs.data.loaders import (
     load_mme_realworld,
     load_vstar,
 )
-from envs.data.sample import LETTERS, ImageRef, ImageSource, Sample
+from envs.data.sample import LETTERS, ImageRef, ImageSource, RenderedImage, Sample
 from envs.data.synthetic import SYNTHETIC_PRESETS, synthetic
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "ImageLoadError",
     "ImageRef",
     "ImageSource",
+    "RenderedImage",
     "Sample",
     "ViewSource",
     "check_image",

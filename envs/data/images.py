@@ -20,8 +20,9 @@ Public API:
   `ImageRef` the table file, row and column) and the sample id, and so do its attributes.
 
 Sources: a path (a regular file: a folder, FIFO or device is refused, so nothing blocks on it),
-encoded bytes, a PIL image, or an `ImageRef` (one cell of a parquet/TSV/jsonl file, read by
-`envs.data.tables.read_image_ref` only when the image is needed).
+encoded bytes, a PIL image, an `ImageRef` (one cell of a parquet/TSV/jsonl file, read by
+`envs.data.tables.read_image_ref` only when the image is needed), or a `RenderedImage` (drawn by
+its ``render()`` when the image is needed; its size is known without drawing).
 
 Checks (at load, through `check_image`, and again before any decode), from the header alone: the
 image opens, has at least one pixel and at most `MAX_IMAGE_PIXELS`, and a pixel mode in
@@ -36,7 +37,9 @@ plus a tile of scratch: at most 2 GiB at the `MAX_IMAGE_PIXELS` limit (measured 
 
 Cache. Decoded images live in the process-wide `envs.cache.IMAGE_CACHE`, keyed by the image
 source: a path by (resolved path, mtime, size), encoded bytes by a BLAKE2b digest, a PIL image by
-its identity, an `ImageRef` by (table path, its mtime and size when loaded, row, column). The
+its identity, an `ImageRef` by (table path, its mtime and size when loaded, row, column), a
+`RenderedImage` by itself (it is hashable and equal by value, so equal descriptions share one
+render). The
 encoded bytes read through an `ImageRef` are cached too, so the header read, the draft view and the
 full decode of one sample read its cell once. The same cache holds the env's resized views
 (`envs.views`), so one budget bounds every decoded pixel kept: default 1 GiB (about seven 8K
@@ -66,7 +69,7 @@ import numpy as np
 from PIL import ExifTags, Image
 
 from envs.cache import IMAGE_CACHE, CacheInfo
-from envs.data.sample import ImageRef, Sample
+from envs.data.sample import ImageRef, RenderedImage, Sample
 from envs.data.tables import read_image_ref
 
 MAX_IMAGE_PIXELS = 16384 * 16384
@@ -166,7 +169,7 @@ def _describe(sample: Sample) -> str:
         return f"file {str(sample.image)!r}"
     if isinstance(sample.image, (bytes, bytearray, memoryview)):
         return "embedded bytes"
-    if isinstance(sample.image, ImageRef):
+    if isinstance(sample.image, (ImageRef, RenderedImage)):
         return sample.image.describe()
     return "in-memory PIL image"
 
@@ -206,8 +209,10 @@ def _source_key(sample: Sample) -> tuple:
     if isinstance(source, ImageRef):
         # The table as it was when loaded: `read_image_ref` refuses a file that changed since.
         return ("table", source.path, source.mtime_ns, source.size, source.row, source.column)
+    if isinstance(source, RenderedImage):
+        return ("rendered", source)
     raise TypeError(
-        f"Expects sample {sample.id!r} image to be a path, bytes, PIL image or ImageRef, actual: "
+        f"Expects sample {sample.id!r} image to be a path, bytes, PIL image, ImageRef or RenderedImage, actual: "
         f"{type(source).__name__}"
     )
 
@@ -366,14 +371,28 @@ def _to_8bit(tile: Image.Image, scale: float) -> np.ndarray:
 
 
 def _decode_full(sample: Sample) -> Image.Image:
+    if isinstance(sample.image, RenderedImage):
+        return _render(sample, sample.image)
     return _finish_decode(sample, _open(sample), owned=True)
+
+
+def _render(sample: Sample, source: RenderedImage) -> Image.Image:
+    _check_size(sample, source.size)
+    try:
+        image = source.render()
+    except MemoryError as error:
+        raise _fail(sample, f"needs more memory than is free to render ({source.size[0]}x{source.size[1]})") from error
+    if image.mode != "RGB" or image.size != source.size:
+        raise _fail(sample, f"rendered as {image.mode} {image.size[0]}x{image.size[1]}, not RGB of its size {source.size}")
+    return image
 
 
 def load_image(sample: Sample) -> Image.Image:
     """The sample's image at full resolution: RGB, EXIF orientation applied, shared via the cache.
 
     Args:
-        sample: its ``image`` is a path, encoded bytes, a PIL image or an `ImageRef`.
+        sample: its ``image`` is a path, encoded bytes, a PIL image, an `ImageRef` or a
+            `RenderedImage` (drawn here on first use).
 
     Returns:
         A PIL image of mode ``"RGB"``; shared with other callers, so do not modify it in place.
@@ -415,6 +434,8 @@ def image_size(sample: Sample) -> tuple[int, int]:
     if isinstance(source, Image.Image):
         w, h = source.size
         return (h, w) if _orientation(source) in _SWAPS_AXES else (w, h)
+    if isinstance(source, RenderedImage):
+        return source.size
     full = IMAGE_CACHE.peek(_source_key(sample) + ("full",))
     if full is not None:
         return full.size
@@ -439,6 +460,9 @@ def check_image(sample: Sample, encoded: bytes | None = None) -> tuple[int, int]
     if isinstance(sample.image, Image.Image):
         _check_in_memory(sample, sample.image)
         return image_size(sample)
+    if isinstance(sample.image, RenderedImage):
+        _check_size(sample, sample.image.size)
+        return sample.image.size
     return _header(sample, encoded).size
 
 
@@ -446,6 +470,13 @@ def _check_in_memory(sample: Sample, image: Image.Image) -> None:
     problem = _header_problem(image)
     if problem:
         raise _fail(sample, problem)
+
+
+def _check_size(sample: Sample, size: tuple[int, int]) -> None:
+    """The pixel limits of `_header_problem` for an image known by its size alone."""
+    width, height = size
+    if width < 1 or height < 1 or width * height > MAX_IMAGE_PIXELS:
+        raise _fail(sample, f"has {width}x{height} pixels; expects 1 to MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS:,}")
 
 
 def _draft_box(
@@ -517,7 +548,7 @@ def load_view_source(sample: Sample, target_size: tuple[int, int]) -> ViewSource
     tw, th = (int(v) for v in target_size)
     if tw <= 0 or th <= 0:
         raise ValueError(f"Expects a positive target size, actual: {target_size!r}")
-    if not isinstance(sample.image, Image.Image):
+    if not isinstance(sample.image, (Image.Image, RenderedImage)):
         key = _source_key(sample)
         scale, is_jpeg = _plan_draft(sample, key, (tw, th))
         # The choice depends only on the file and the target, never on what is cached, so every

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,30 @@ class ImageRef:
         return f"{self.path!r} row {self.row} column {self.column!r}"
 
 
-ImageSource = str | Path | bytes | Image.Image | ImageRef
+class RenderedImage(abc.ABC):
+    """An image drawn on demand from a small description of it (`envs.data.synthetic` canvases).
+
+    A sample holding one costs a few KB whatever its pixels. `envs.data.load_image` renders it on
+    first use and caches the result in the shared image cache under the description itself, so a
+    subclass must be immutable, hashable and equal by value (a frozen dataclass), and ``render``
+    must give the same pixels every time.
+    """
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> tuple[int, int]:
+        """``(width, height)`` of the image, known without rendering it."""
+
+    @abc.abstractmethod
+    def render(self) -> Image.Image:
+        """The image as a new RGB PIL image of `size` (not cached: `load_image` caches)."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """What the image is, for error messages (e.g. ``'synthetic 672x672 canvas'``)."""
+
+
+ImageSource = str | Path | bytes | Image.Image | ImageRef | RenderedImage
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,8 +82,9 @@ class Sample:
 
     Attributes:
         id: unique within its dataset; names the sample in every error message.
-        image: a file path, the encoded file's bytes, a decoded PIL image, or an `ImageRef` to a
-            cell of a table file (read on demand). Decoded lazily.
+        image: a file path, the encoded file's bytes, a decoded PIL image, an `ImageRef` to a
+            cell of a table file (read on demand) or a `RenderedImage` (drawn on demand). Decoded
+            lazily.
         question: the question without its choices.
         options: the option texts, without letters; option ``i`` has letter ``LETTERS[i]``.
         answer: the correct letter.

@@ -25,8 +25,11 @@ corner pixels of a patch can differ, by a few grey levels. A tight crop, enlarge
 budget, shows the checks in full colour. Outlines, glyphs or coloured text would leak, so the
 answer is never drawn any other way.
 
-The guarantee holds for the view budget the canvas was made for: train with the same
-``min_pixels``/``max_pixels``/patch geometry (stored in ``Sample.meta``) or regenerate.
+The guarantee holds for the view the canvas was made for: the budget in ``Sample.meta`` shows it at
+``view_size`` pixels. A budget that shows it at another size may show the answer (the `cpu`
+preset's 672 px canvas shown at 448 px instead of 224: its target patches differ from grey by 42
+levels on average instead of 0.5), so a ZoomEnv refuses such a sample at reset
+(`check_view_budget`); regenerate for that budget instead.
 
 Presets (`SYNTHETIC_PRESETS`; keyword arguments override them):
 
@@ -37,20 +40,38 @@ Presets (`SYNTHETIC_PRESETS`; keyword arguments override them):
 
 The ground-truth box is tight around what must be seen (the patch; for `relative_position` the two
 named patches) and each side exceeds one merged patch in the view, so an oracle's zoom is valid.
-Images are stored as PNG bytes (about 0.1-1 MB each), decoded on demand by `load_image`.
+
+Images. ``Sample.image`` is a `SyntheticCanvas`: the list of what to draw (a few KB), which
+`load_image` renders on first use (about 10 ms for a 672 px canvas) and caches in the shared image
+cache, so a set of any size costs next to nothing until its images are shown. ``images="pil"``
+renders each image at once instead, for a caller that uses every image once (nothing cached).
+
+``Sample.meta`` holds the generation settings (``generator`` = ``"zoomgym.synthetic"``, ``seed``,
+``preset``, ``canvas_size``, ``view_min_pixels``, ``view_max_pixels``, ``patch_size``,
+``merge_size``, ``view_factor`` k, ``view_size`` (the shown side), ``target_size``,
+``distractors``, ``clutter``, ``option_order``) and what was drawn, in canvas pixels, boxes as
+``(x1, y1, x2, y2)`` ints with exclusive ends:
+
+- ``index``: the sample's index ``i``;
+- ``target_frame``, ``target_frame_box``: the colour name and box of the frame the question names;
+- ``frames``: every frame drawn, the target first: ``{"colour": name (a key of FRAME_COLOURS),
+  "box": frame box (outer edge of the ring), "checks": (patch, ...)}`` with one patch per checked
+  square, ``{"cell": (column, row), "box": patch box, "pair": a key of COLOUR_PAIRS}``:
+  ``attribute`` frames hold one patch, cell ``(0, 0)``; ``relative_position`` frames hold four,
+  cells ``(0, 0) (1, 0) (0, 1) (1, 1)`` of their 2 x 2 grid (column 0 left, row 0 top).
 """
 
 from __future__ import annotations
 
-import io
+import dataclasses
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from envs.data.sample import LETTERS, Sample
+from envs.data.sample import LETTERS, RenderedImage, Sample
 from envs.geometry import Box
 from envs.views import ViewBudget
 
@@ -94,7 +115,11 @@ FRAME_COLOURS: dict[str, tuple[int, int, int]] = {
 RELATIONS = ("left of it", "right of it", "above it", "below it")
 OPTION_ORDERS = ("shuffled", "fixed")
 """`synthetic(option_order=...)`: random option order per question, or one fixed order per category."""
+IMAGE_KINDS = ("lazy", "pil")
+"""`synthetic(images=...)`: a `SyntheticCanvas` rendered on first use, or the rendered PIL image."""
 GREY = 128  # the pattern's zero phase and the frames' inner margin
+GENERATOR = "zoomgym.synthetic"
+"""``Sample.meta["generator"]`` of every synthetic sample."""
 
 # Cells of the 2 x 2 grid as (column, row); for each relation, (cell of P, cell of Q) choices.
 _RELATION_CELLS = {
@@ -105,7 +130,7 @@ _RELATION_CELLS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Geometry:
     """Sizes in canvas pixels, all multiples of the view factor ``k``."""
 
@@ -174,8 +199,10 @@ def synthetic(
     clutter: int | None = None,
     categories: Sequence[str] = CATEGORIES,
     option_order: str = "shuffled",
+    start: int = 0,
+    images: str = "lazy",
 ) -> list[Sample]:
-    """Generates ``n`` questions; sample ``i`` depends only on ``(seed, i)`` and the settings.
+    """Generates samples ``start .. start + n - 1``; sample ``i`` depends only on ``(seed, i)`` and the settings.
 
     Args:
         n: number of samples; categories alternate, and within a category every 4 consecutive
@@ -197,10 +224,17 @@ def synthetic(
             target's colour pair (or relation) is the one at the sample's letter. A fixed order lets
             a tiny model learn "what the crop shows -> letter" without reading the options (the CPU
             quickstart); the view still carries no answer.
+        start: the index of the first sample (ids and contents follow the index), so a stream is
+            generated in chunks: ``synthetic(64, seed, start=64 * j, images="pil")``.
+        images: ``"lazy"``: each ``Sample.image`` is a `SyntheticCanvas` (a few KB) that
+            ``load_image`` renders on first use and caches in the shared image cache; ``"pil"``: the
+            rendered RGB PIL image itself, for a caller that uses each image once (a supervised
+            fine-tuning stream): nothing is cached, each sample holds ``4 * canvas_size**2`` bytes.
+            Both give the same pixels.
 
     Returns:
-        ``list[Sample]`` with PNG-bytes images, 4 options, one ground-truth box each, and ``meta``
-        holding the generation settings (``view_factor``, ``view_min_pixels``, ...).
+        ``list[Sample]`` with 4 options, one ground-truth box each, and ``meta`` holding the
+        generation settings and everything drawn (see the module docstring).
     """
     if preset not in SYNTHETIC_PRESETS:
         raise ValueError(f"Expects preset in {sorted(SYNTHETIC_PRESETS)}, actual: {preset!r}")
@@ -215,8 +249,11 @@ def synthetic(
         "clutter": clutter,
     }
     settings = {k: SYNTHETIC_PRESETS[preset][k] if v is None else v for k, v in given.items()}
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"Expects n to be an int >= 0, actual: {n!r}")
+    for name, value in (("n", n), ("start", start)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"Expects {name} to be an int >= 0, actual: {value!r}")
+    if images not in IMAGE_KINDS:
+        raise ValueError(f"Expects images in {IMAGE_KINDS}, actual: {images!r}")
     categories = tuple(categories)
     unknown = [c for c in categories if c not in CATEGORIES]
     if not categories or unknown:
@@ -231,7 +268,7 @@ def synthetic(
             f"frames that fit the {geometry.canvas} px canvas), actual: {settings['distractors']!r}"
         )
     meta = {
-        "generator": "zoomgym.synthetic",
+        "generator": GENERATOR,
         "seed": seed,
         "preset": preset,
         **settings,
@@ -242,16 +279,50 @@ def synthetic(
         "option_order": option_order,
     }
     samples = []
-    for i in range(n):
+    for i in range(start, start + n):
         category = categories[i % len(categories)]
         rank = i // len(categories)  # index among this category's samples
         letter_order = np.random.default_rng([seed, rank // 4, len(categories), 7]).permutation(4)
         answer_index = int(letter_order[rank % 4])
         rng = np.random.default_rng([seed, i])
-        samples.append(
-            _make_sample(i, seed, category, answer_index, rng, geometry, settings, meta, option_order == "fixed")
-        )
+        sample = _make_sample(i, seed, category, answer_index, rng, geometry, settings, meta, option_order == "fixed")
+        if images == "pil":
+            sample = dataclasses.replace(sample, image=sample.image.render())
+        samples.append(sample)
     return samples
+
+
+def budget_made_for(sample: Sample) -> ViewBudget | None:
+    """The view budget a synthetic sample was made for (from its ``meta``); None for any other sample."""
+    meta = sample.meta
+    if meta.get("generator") != GENERATOR:
+        return None
+    return ViewBudget(meta["view_min_pixels"], meta["view_max_pixels"], meta["patch_size"], meta["merge_size"])
+
+
+def check_view_budget(sample: Sample, budget: ViewBudget) -> None:
+    """Raises ValueError if ``budget`` shows a synthetic sample at another size than it was made for.
+
+    Only the size matters: a budget that shows the canvas at the same size shows the same pixels
+    (the patch geometry only sets the token grid), so it hides the answer as well. Any other
+    sample passes.
+    """
+    made_for = budget_made_for(sample)
+    if made_for is None:
+        return
+    side = sample.meta["canvas_size"]
+    intended, shown = made_for.shown_size(side, side), budget.shown_size(side, side)
+    if shown != intended:
+        raise ValueError(
+            f"sample {sample.id!r}: expects a view budget that shows its {side}x{side} synthetic canvas at "
+            f"{intended[0]}x{intended[1]} px like the budget it was made for, {made_for}, where the checks "
+            f"average to grey; actual: {budget} shows it at {shown[0]}x{shown[1]} px, where the view may show "
+            f"the answer. Use that budget, regenerate the samples for this one (synthetic(..., "
+            f"view_min_pixels={budget.min_pixels}, view_max_pixels={budget.max_pixels}, "
+            f"patch_size={budget.patch_size}, merge_size={budget.merge_size}) with a canvas_size it "
+            f"shrinks by an integer factor), or pass check_view_budget=False to the env to show it at this "
+            f"budget on purpose"
+        )
 
 
 def _geometry(canvas: int, target: int, budget: ViewBudget) -> _Geometry:
@@ -275,6 +346,67 @@ def _geometry(canvas: int, target: int, budget: ViewBudget) -> _Geometry:
     return geometry
 
 
+@dataclasses.dataclass(frozen=True)
+class SyntheticCanvas(RenderedImage):
+    """What one synthetic image shows, as a list of drawing steps; `render` paints them in order.
+
+    A few KB per sample (the pixels cost ``4 * side**2`` bytes once rendered). ``load_image``
+    renders it on first use and caches the result; equal canvases share one render. Every field
+    is in canvas pixels.
+
+    Attributes:
+        side: the canvas is ``side x side``.
+        background: 6 x 6 x 3 uint8 colours (row-major bytes), upsampled bicubically to the canvas.
+        shapes: clutter, drawn over the background: ``("ellipse" | "rectangle", (x1, y1, x2, y2),
+            rgb, 0)`` or ``("line", (x1, y1, x2, y2), rgb, width)``.
+        frames: ``((x1, y1, x2, y2), rgb)``: a ring of ``thickness`` around a `GREY` interior.
+        patches: ``((x, y), rgb)``: a ``target x target`` patch of `checks` of ``rgb`` at (x, y).
+        target: side of a patch.
+        k: the view factor, the period of the checks.
+        thickness: of the frames' rings.
+    """
+
+    side: int
+    background: bytes
+    shapes: tuple[tuple[str, tuple[int, int, int, int], tuple[int, int, int], int], ...]
+    frames: tuple[tuple[tuple[int, int, int, int], tuple[int, int, int]], ...]
+    patches: tuple[tuple[tuple[int, int], tuple[int, int, int]], ...]
+    target: int
+    k: int
+    thickness: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.side, self.side)
+
+    def describe(self) -> str:
+        return f"synthetic {self.side}x{self.side} canvas"
+
+    def render(self) -> Image.Image:
+        coarse = np.frombuffer(self.background, np.uint8).reshape(6, 6, 3)
+        image = Image.fromarray(coarse, "RGB").resize(self.size, Image.Resampling.BICUBIC)
+        draw = ImageDraw.Draw(image)
+        for kind, box, colour, width in self.shapes:
+            if kind == "ellipse":
+                draw.ellipse(box, fill=colour)
+            elif kind == "rectangle":
+                draw.rectangle(box, fill=colour)
+            else:
+                draw.line(box, fill=colour, width=width)
+        t = self.thickness
+        for (x1, y1, x2, y2), colour in self.frames:
+            image.paste(colour, (x1, y1, x2, y2))
+            image.paste((GREY, GREY, GREY), (x1 + t, y1 + t, x2 - t, y2 - t))
+        for origin, colour in self.patches:
+            image.paste(_checks_image(self.target, self.k, colour), origin)
+        return image
+
+
+@functools.lru_cache(maxsize=64)
+def _checks_image(size: int, k: int, colour: tuple[int, int, int]) -> Image.Image:
+    return Image.fromarray(checks(size, k, colour), "RGB")
+
+
 def _make_sample(
     index: int,
     seed: int,
@@ -286,80 +418,101 @@ def _make_sample(
     meta: dict[str, Any],
     fixed_options: bool = False,
 ) -> Sample:
+    # The order of the draws from rng is the data set's definition: changing it changes every sample.
     frame_names = [str(name) for name in rng.permutation(list(FRAME_COLOURS))][: 1 + settings["distractors"]]
     size = geometry.frame_size(category)
     corners = _place_frames(len(frame_names), size, geometry, rng)
-    canvas = _background(geometry.canvas, rng)
-    _draw_clutter(canvas, settings["clutter"], corners, size, geometry, rng)
-    pairs = list(COLOUR_PAIRS)
-    target_boxes: list[Box] = []
-    question = ""
-    correct = ""
+    background = rng.integers(90, 236, size=(6, 6, 3), dtype=np.uint8).tobytes()
+    shapes = _plan_clutter(settings["clutter"], corners, size, geometry, rng)
+    frames = []
+    question = correct = ""
     for frame_index, (name, (fx, fy)) in enumerate(zip(frame_names, corners)):
-        _draw_frame(canvas, fx, fy, size, FRAME_COLOURS[name], geometry)
         inner = fx + geometry.thickness + geometry.margin, fy + geometry.thickness + geometry.margin
-        is_target = frame_index == 0
+        target = answer_index if frame_index == 0 and fixed_options else None
         if category == "attribute":
-            pair = pairs[int(rng.integers(len(pairs)))]
-            if is_target and fixed_options:
-                pair = pairs[answer_index]  # drawn above all the same: the other frames stay as shuffled
-            _paste(canvas, inner, checks(geometry.target, geometry.k, COLOUR_PAIRS[pair]))
-            if is_target:
-                correct = pair
-                question = f"What colours are the checks inside the {name} frame?"
-                target_boxes.append(_box(inner, geometry.target, geometry.target))
+            patches, answer_text, wording, asked = _attribute_frame(name, inner, target, geometry, rng)
         else:
-            relation = RELATIONS[int(rng.integers(len(RELATIONS)))]
-            if is_target and fixed_options:
-                relation = RELATIONS[answer_index]
-            cell_p, cell_q = _RELATION_CELLS[relation][int(rng.integers(2))]
-            order = rng.permutation(len(pairs))
-            cells = [(c, r) for r in (0, 1) for c in (0, 1)]
-            for (col, row), pair_index in zip(cells, order):
-                step = geometry.target + geometry.gap
-                origin = (inner[0] + col * step, inner[1] + row * step)
-                _paste(canvas, origin, checks(geometry.target, geometry.k, COLOUR_PAIRS[pairs[pair_index]]))
-            if is_target:
-                pair_of = {cell: pairs[p] for cell, p in zip(cells, order)}
-                correct = relation
-                question = (
-                    f"Inside the {name} frame there are four checked squares. Where is the "
-                    f"{pair_of[cell_p]} checked square relative to the {pair_of[cell_q]} checked square?"
-                )
-                step = geometry.target + geometry.gap
-                p_box = _box(
-                    (inner[0] + cell_p[0] * step, inner[1] + cell_p[1] * step),
-                    geometry.target,
-                    geometry.target,
-                )
-                q_box = _box(
-                    (inner[0] + cell_q[0] * step, inner[1] + cell_q[1] * step),
-                    geometry.target,
-                    geometry.target,
-                )
-                target_boxes.append(p_box.union(q_box))
+            patches, answer_text, wording, asked = _relative_frame(name, inner, target, geometry, rng)
+        frames.append({"colour": name, "box": (fx, fy, fx + size, fy + size), "checks": patches})
+        if frame_index == 0:
+            question, correct, target_box = wording, answer_text, asked
     choices = list(COLOUR_PAIRS) if category == "attribute" else list(RELATIONS)
     others = [choices[j] for j in rng.permutation(len(choices)) if choices[j] != correct]
     options = choices if fixed_options else others[:answer_index] + [correct] + others[answer_index:]
+    canvas = SyntheticCanvas(
+        side=geometry.canvas,
+        background=background,
+        shapes=shapes,
+        frames=tuple((frame["box"], FRAME_COLOURS[frame["colour"]]) for frame in frames),
+        patches=tuple((c["box"][:2], COLOUR_PAIRS[c["pair"]]) for frame in frames for c in frame["checks"]),
+        target=geometry.target,
+        k=geometry.k,
+        thickness=geometry.thickness,
+    )
     return Sample(
         id=f"synthetic-{seed}-{index:05d}",
-        image=_png(canvas),
+        image=canvas,
         question=question,
         options=tuple(options),
         answer=LETTERS[answer_index],
         category=category,
-        boxes=tuple(target_boxes),
+        boxes=(target_box,),
         meta={
             **meta,
             "index": index,
             "target_frame": frame_names[0],
-            "target_frame_box": (corners[0][0], corners[0][1], corners[0][0] + size, corners[0][1] + size),
+            "target_frame_box": frames[0]["box"],
+            "frames": tuple(frames),
         },
     )
 
 
-def _box(origin: tuple[int, int], width: int, height: int) -> Box:
-    return Box(origin[0], origin[1], origin[0] + width, origin[1] + height)
+def _checks_entry(cell: tuple[int, int], origin: tuple[int, int], pair: str, geometry: _Geometry) -> dict[str, Any]:
+    x, y = origin
+    return {"cell": cell, "box": (x, y, x + geometry.target, y + geometry.target), "pair": pair}
+
+
+def _attribute_frame(
+    name: str, inner: tuple[int, int], answer: int | None, geometry: _Geometry, rng: np.random.Generator
+) -> tuple[tuple[dict[str, Any], ...], str, str, Box]:
+    """One patch: its checks entry, the pair, the question about it and its box.
+
+    ``answer``: the index of the pair to draw (fixed options), else the pair drawn from ``rng``
+    (drawn all the same, so the other frames stay as with shuffled options).
+    """
+    pairs = list(COLOUR_PAIRS)
+    pair = pairs[int(rng.integers(len(pairs)))]
+    if answer is not None:
+        pair = pairs[answer]
+    entry = _checks_entry((0, 0), inner, pair, geometry)
+    question = f"What colours are the checks inside the {name} frame?"
+    return (entry,), pair, question, Box(*entry["box"])
+
+
+def _relative_frame(
+    name: str, inner: tuple[int, int], answer: int | None, geometry: _Geometry, rng: np.random.Generator
+) -> tuple[tuple[dict[str, Any], ...], str, str, Box]:
+    """A 2 x 2 grid of patches: their checks entries, the relation asked, its question and box
+    (the union of the two named patches). ``answer`` as in `_attribute_frame`."""
+    pairs = list(COLOUR_PAIRS)
+    relation = RELATIONS[int(rng.integers(len(RELATIONS)))]
+    if answer is not None:
+        relation = RELATIONS[answer]
+    cell_p, cell_q = _RELATION_CELLS[relation][int(rng.integers(2))]
+    order = rng.permutation(len(pairs))
+    step = geometry.target + geometry.gap
+    cells = [(c, r) for r in (0, 1) for c in (0, 1)]
+    entries = tuple(
+        _checks_entry((col, row), (inner[0] + col * step, inner[1] + row * step), pairs[p], geometry)
+        for (col, row), p in zip(cells, order)
+    )
+    by_cell = {entry["cell"]: entry for entry in entries}
+    p, q = by_cell[cell_p], by_cell[cell_q]
+    question = (
+        f"Inside the {name} frame there are four checked squares. Where is the "
+        f"{p['pair']} checked square relative to the {q['pair']} checked square?"
+    )
+    return entries, relation, question, Box(*p["box"]).union(Box(*q["box"]))
 
 
 def _frame_cells(size: int, geometry: _Geometry) -> int:
@@ -387,29 +540,19 @@ def _place_frames(
     return corners
 
 
-def _background(side: int, rng: np.random.Generator) -> np.ndarray:
-    """A smooth random colour field: 6 x 6 random colours upsampled bicubically (compresses well)."""
-    coarse = rng.integers(90, 236, size=(6, 6, 3), dtype=np.uint8)
-    smooth = Image.fromarray(coarse).resize((side, side), Image.Resampling.BICUBIC)
-    return np.array(smooth)
-
-
-def _draw_clutter(
-    canvas: np.ndarray,
+def _plan_clutter(
     count: int,
     corners: list[tuple[int, int]],
     size: int,
     geometry: _Geometry,
     rng: np.random.Generator,
-) -> None:
+) -> tuple[tuple[str, tuple[int, int, int, int], tuple[int, int, int], int], ...]:
     """Filled ellipses, rectangles and lines, kept clear of the frames (hollow shapes would look like frames)."""
-    image = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(image)
     side = geometry.canvas
     clear = 6 * geometry.k
-    placed = 0
+    shapes = []
     for _ in range(count * 20):
-        if placed == count:
+        if len(shapes) == count:
             break
         w, h = (int(v) for v in rng.integers(side // 60 + 4, side // 10 + 8, size=2))
         x, y = int(rng.integers(0, side - w)), int(rng.integers(0, side - h))
@@ -418,35 +561,8 @@ def _draw_clutter(
             for cx, cy in corners
         ):
             continue
-        colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
-        kind = int(rng.integers(3))
-        if kind == 0:
-            draw.ellipse((x, y, x + w, y + h), fill=colour)
-        elif kind == 1:
-            draw.rectangle((x, y, x + w, y + h), fill=colour)
-        else:
-            width = max(1, int(rng.integers(1, max(2, side // 400) + 1)))
-            draw.line((x, y, x + w, y + h), fill=colour, width=width)
-        placed += 1
-    canvas[...] = np.asarray(image)
-
-
-def _draw_frame(
-    canvas: np.ndarray, x: int, y: int, size: int, colour: tuple[int, int, int], geometry: _Geometry
-) -> None:
-    """A square ring of ``geometry.thickness`` around a grey interior."""
-    canvas[y : y + size, x : x + size] = colour
-    t = geometry.thickness
-    canvas[y + t : y + size - t, x + t : x + size - t] = GREY
-
-
-def _paste(canvas: np.ndarray, origin: tuple[int, int], patch: np.ndarray) -> None:
-    x, y = origin
-    canvas[y : y + patch.shape[0], x : x + patch.shape[1]] = patch
-
-
-def _png(canvas: np.ndarray) -> bytes:
-    # Lossless (the checks must survive); level 1 keeps generation fast at a ~10% size cost.
-    buffer = io.BytesIO()
-    Image.fromarray(canvas).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+        red, green, blue = (int(v) for v in rng.integers(0, 256, size=3))
+        kind = ("ellipse", "rectangle", "line")[int(rng.integers(3))]
+        width = max(1, int(rng.integers(1, max(2, side // 400) + 1))) if kind == "line" else 0
+        shapes.append((kind, (x, y, x + w, y + h), (red, green, blue), width))
+    return tuple(shapes)

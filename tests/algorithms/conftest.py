@@ -12,7 +12,8 @@ import torch
 from algorithms.config import Config, load_config
 
 # A 112x112 view (16 visual tokens per image) keeps every forward cheap; the trainer does not need the
-# synthetic answers to be readable, only real multi-turn episodes with images.
+# synthetic answers to be hidden in the view, only real multi-turn episodes with images, so the runs opt
+# out of the env's check that synthetic samples are shown at the size they were made for (224x224).
 MIN_PIXELS, MAX_PIXELS = 112 * 112, 112 * 112
 
 
@@ -38,6 +39,7 @@ def tiny_run_config(model_dir: Path, run_dir: Path, *overrides: str) -> Config:
         f"model.max_pixels={MAX_PIXELS}",
         "data.train={name: synthetic, options: {n: 6, seed: 0, preset: cpu}}",
         "data.val=[{name: synthetic, options: {n: 2, seed: 1, preset: cpu}}]",
+        "env.options.check_view_budget=false",
         "rollout.group_size=2",
         "rollout.max_new_tokens=8",
         "algorithm.kl_coef=0.01",

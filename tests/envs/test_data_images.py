@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import struct
@@ -15,7 +16,9 @@ from PIL import Image, ImageOps
 from envs.data import (
     MAX_IMAGE_PIXELS,
     ImageLoadError,
+    RenderedImage,
     Sample,
+    check_image,
     clear_image_cache,
     image_cache_info,
     image_size,
@@ -462,3 +465,50 @@ def test_image_load_error_names_the_sample_and_source_and_pickles():
         load_image(sample_of(b"junk", "mme-3"))
     error = pickle.loads(pickle.dumps(caught.value))
     assert (error.sample_id, error.source, str(error)) == ("mme-3", "embedded bytes", str(caught.value))
+
+
+RENDERS: list[str] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class Quadrants(RenderedImage):
+    """A RenderedImage for the tests: `quadrants` at ``width x height``, counting its renders."""
+
+    width: int = 64
+    height: int = 48
+    mode: str = "RGB"
+    fails: bool = False
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.width, self.height)
+
+    def describe(self) -> str:
+        return f"test quadrants {self.width}x{self.height}"
+
+    def render(self) -> Image.Image:
+        RENDERS.append(self.describe())
+        if self.fails:
+            raise MemoryError
+        return quadrants(self.width, self.height).convert(self.mode)
+
+
+def test_a_rendered_image_is_drawn_once_on_first_use_and_shared_by_equal_descriptions():
+    RENDERS.clear()
+    a, b = sample_of(Quadrants(), "a"), sample_of(Quadrants(), "b")
+    assert image_size(a) == check_image(a) == (64, 48) and RENDERS == []  # known without drawing
+    image = load_image(a)
+    assert np.array_equal(np.asarray(image), np.asarray(quadrants())) and RENDERS == ["test quadrants 64x48"]
+    assert load_image(b) is image and load_view_source(b, (32, 24)).image is image and len(RENDERS) == 1
+    assert image_cache_info().decodes == 1
+
+
+@pytest.mark.parametrize(("source", "reason"), [
+    (Quadrants(fails=True), r"needs more memory than is free to render \(64x48\)"),
+    (Quadrants(mode="L"), r"rendered as L 64x48, not RGB of its size \(64, 48\)"),
+    (Quadrants(width=MAX_IMAGE_PIXELS), r"has \d+x48 pixels; expects 1 to MAX_IMAGE_PIXELS"),
+])
+def test_a_rendered_image_that_cannot_be_drawn_names_itself_and_the_sample(source, reason):
+    with pytest.raises(ImageLoadError, match=rf"sample 'bad'.*test quadrants .*{reason}") as error:
+        load_image(sample_of(source, "bad"))
+    assert error.value.sample_id == "bad" and error.value.source.startswith("test quadrants")

@@ -10,7 +10,8 @@ from gymnasium.utils.env_checker import check_env
 from PIL import Image
 
 import envs
-from envs.data import ImageLoadError, Sample
+from envs.data import ImageLoadError, Sample, synthetic
+from envs.data.synthetic import COLOUR_PAIRS
 from envs.geometry import Box
 from envs.prompts import PromptTemplates
 from envs.spaces import ChatSpace
@@ -348,3 +349,59 @@ def test_an_image_failing_mid_episode_raises_an_image_load_error_naming_the_samp
     with pytest.raises(ImageLoadError, match=r"sample 'gone-bad'.*big\.jpg") as error:
         env.step('[{"bbox_2d": [100, 100, 400, 400]}]')
     assert error.value.sample_id == "gone-bad"
+
+
+# The `cpu` synthetic preset is made for a 168*168 .. 224*224 view budget: its 672 px canvas is shown
+# at 224 px. 4x that budget (the tiny model's default) shows it at 448 px.
+CPU_BUDGET = {"min_pixels": 168 * 168, "max_pixels": 224 * 224}
+FOUR_TIMES = {"min_pixels": 4 * 168 * 168, "max_pixels": 4 * 224 * 224}
+
+
+@pytest.mark.parametrize("env_id", sorted(envs.ENV_IDS))
+def test_a_synthetic_sample_under_another_view_budget_is_refused_naming_both(env_id: str) -> None:
+    (sample,) = synthetic(1, seed=0, preset="cpu")
+    env = gym.make(env_id, dataset=[sample], view_budget=FOUR_TIMES)
+    with pytest.raises(ValueError, match=r"sample 'synthetic-0-00000'.* at 224x224 px") as error:
+        env.reset(seed=0)
+    message = str(error.value)
+    assert "ViewBudget(min_pixels=28224, max_pixels=50176, patch_size=14, merge_size=2)" in message  # made for
+    assert "ViewBudget(min_pixels=112896, max_pixels=200704, patch_size=14, merge_size=2)" in message  # the env's
+    assert "shows it at 448x448 px" in message and "check_view_budget=False" in message
+
+    chat, _ = gym.make(env_id, dataset=[sample], view_budget=CPU_BUDGET).reset(seed=0)
+    assert images(chat)[0][1].shown_size == (224, 224)
+    # Another budget that shows the canvas at the same size shows the same pixels: accepted.
+    same_view = gym.make(env_id, dataset=[sample], view_budget={"min_pixels": 16 * 28 * 28, "max_pixels": 64 * 28 * 28})
+    assert images(same_view.reset(seed=0)[0])[0][1].shown_size == (224, 224)
+    # Other samples are not synthetic: no budget to keep.
+    gym.make(env_id, dataset=[marker_sample()], view_budget=FOUR_TIMES).reset(seed=0)
+
+    opted_out = gym.make(env_id, dataset=[sample], view_budget=FOUR_TIMES, check_view_budget=False)
+    assert images(opted_out.reset(seed=0)[0])[0][1].shown_size == (448, 448)
+    with pytest.raises(TypeError, match="check_view_budget to be a bool"):
+        gym.make(env_id, dataset=[sample], check_view_budget="no")
+
+
+def test_the_view_of_the_target_hides_its_colours_only_under_the_budget_it_was_made_for() -> None:
+    """Mean |difference| between the viewed targets of the 4 colour pairs: ~0.01 grey levels under the
+    preset's budget, 28 to 56 under 4x that budget (the view then shows 42 levels of colour away from grey)."""
+    samples = synthetic(4, seed=0, preset="cpu", categories=("attribute",), option_order="fixed")
+    assert {s.answer_text() for s in samples} == set(COLOUR_PAIRS)
+
+    def targets(budget: dict) -> list[np.ndarray]:
+        env = gym.make("zoomgym/DirectVQA-v0", dataset=samples, view_budget=budget, check_view_budget=False)
+        viewed = []
+        for index, sample in enumerate(samples):
+            (image, view), = images(env.reset(options={"index": index})[0])
+            box = view.from_original(sample.boxes[0])
+            viewed.append(np.asarray(image, float)[int(box.y1):int(box.y2), int(box.x1):int(box.x2)])
+        return viewed
+
+    def differences(viewed: list[np.ndarray]) -> list[float]:
+        return [np.abs(a - b).mean() for i, a in enumerate(viewed) for b in viewed[i + 1:]]
+
+    made_for, larger = targets(CPU_BUDGET), targets(FOUR_TIMES)
+    assert max(differences(made_for)) < 0.1  # measured 0.01
+    assert max(np.abs(v - 127.5).mean() for v in made_for) < 1.0  # grey: measured 0.51 (the corners)
+    assert min(differences(larger)) > 20  # measured 27.9: every pair of answers looks different
+    assert min(np.abs(v - 127.5).mean() for v in larger) > 30  # measured 41.9 levels of colour
