@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m algorithms.cli demo
+	$(PY) -m zoomgym.algorithms.cli demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

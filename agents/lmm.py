@@ -19,11 +19,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-
-from agents.backends.base import Backend, GenerationRequest, SamplingParams, decode_text, placeholder_ids
-from agents.backends.hf import next_token_logprobs
-from agents.rollout import EnvSpec, run_rollouts
-from agents.trajectory import MODEL_INPUTS, Trajectory, collate
+from zoomgym.agents.backends.base import (
+    Backend,
+    GenerationRequest,
+    SamplingParams,
+    decode_text,
+    placeholder_ids,
+)
+from zoomgym.agents.backends.hf import next_token_logprobs
+from zoomgym.agents.rollout import EnvSpec, run_rollouts
+from zoomgym.agents.trajectory import MODEL_INPUTS, Trajectory, collate
 
 GREEDY = SamplingParams(temperature=0.0)
 """Default sampling of `LMMAgent.act`: greedy decoding (the evaluation protocol)."""
@@ -53,7 +58,7 @@ class LMMAgent:
         self.adapter = adapter
         self._view_budget = adapter.view_budget()
         if backend is None:
-            from agents.backends.hf import HFBackend
+            from zoomgym.agents.backends.hf import HFBackend
 
             backend = HFBackend(model, adapter)
         self.backend = backend
@@ -86,8 +91,7 @@ class LMMAgent:
             sampling: how ``act`` samples.
         """
         from transformers import AutoModelForImageTextToText
-
-        from agents.models import adapter_for, load_processor
+        from zoomgym.agents.models import adapter_for, load_processor
 
         path = str(path_or_id)
         local = os.path.isdir(path)
@@ -106,11 +110,11 @@ class LMMAgent:
         model = model.to(device).eval()
         adapter = adapter_for(model, processor)
         if backend == "hf":
-            from agents.backends.hf import HFBackend
+            from zoomgym.agents.backends.hf import HFBackend
 
             engine: Backend = HFBackend(model, adapter, **backend_kwargs)
         elif backend == "vllm":
-            from agents.backends.vllm import VLLMBackend
+            from zoomgym.agents.backends.vllm import VLLMBackend
 
             engine = VLLMBackend.from_pretrained(path, adapter, **backend_kwargs)
         else:

@@ -33,9 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-
-from agents.backends.base import Backend, Generation, GenerationRequest, SamplingParams, decode_text
-from agents.trajectory import Trajectory
+from zoomgym.agents.backends.base import Backend, Generation, GenerationRequest, SamplingParams, decode_text
+from zoomgym.agents.trajectory import Trajectory
 
 EnvSpec = str | Callable[[Any], Any]
 """A registered env id (built with ``gymnasium.make(id, dataset=[sample], view_budget=..., coord_frame=...)``)
@@ -175,8 +174,7 @@ def _env_factory(env: EnvSpec, adapter: Any, env_kwargs: Mapping[str, Any]) -> C
     if not isinstance(env, str):
         raise TypeError(f"Expects an env id or a factory sample -> env, actual: {env!r}")
     import gymnasium
-
-    import envs  # noqa: F401  (registers the zoomgym ids)
+    from zoomgym import envs  # noqa: F401  (registers the zoomgym ids)
 
     def make(sample: Any) -> Any:
         return gymnasium.make(

@@ -3,14 +3,14 @@
 ``algorithms.make(name, **kwargs)`` builds a registered algorithm; ``algorithms.register(name)`` adds
 one. The built-ins are imported lazily (importing ``algorithms`` stays light: no torch):
 
-    >>> import algorithms
+    >>> from zoomgym import algorithms
     >>> sorted(algorithms.ALGORITHMS)
     ['grpo', 'mgpo']
 
 Register your own by subclassing a built-in and overriding one hook (see ``algorithms/grpo.py``)::
 
-    import algorithms
-    from algorithms.grpo import GRPO
+    from zoomgym import algorithms
+    from zoomgym.algorithms.grpo import GRPO
 
     @algorithms.register("grpo_pos_only")
     class PositiveOnlyGRPO(GRPO):
@@ -34,8 +34,8 @@ __all__ = ["ALGORITHMS", "get", "make", "register"]
 
 # name -> class, or "module:Class" for the built-ins so that importing this package imports no torch.
 ALGORITHMS: dict[str, type | str] = {
-    "grpo": "algorithms.grpo:GRPO",
-    "mgpo": "algorithms.mgpo:MGPO",
+    "grpo": "zoomgym.algorithms.grpo:GRPO",
+    "mgpo": "zoomgym.algorithms.mgpo:MGPO",
 }
 
 

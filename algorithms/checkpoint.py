@@ -93,7 +93,7 @@ def save_checkpoint(
     Returns:
         The checkpoint folder.
     """
-    from agents.models import save_processor  # imports transformers: not at module import
+    from zoomgym.agents.models import save_processor  # imports transformers: not at module import
 
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")

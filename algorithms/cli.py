@@ -6,7 +6,7 @@
     zoomgym train --resume RUN_DIR [key.sub=value ...]      # CONFIG defaults to RUN_DIR/config.yaml
     zoomgym train --help-config                             # every config key, its default and help
     zoomgym eval CONFIG [key.sub=value ...]                 # greedy validation of model.path on data.val
-    zoomgym eval --agent oracle random ...                  # scripted agents (python -m envs.evaluate)
+    zoomgym eval --agent oracle random ...                  # scripted agents (python -m zoomgym.envs.evaluate)
     zoomgym tiny-model OUT [--size 1m|10m|50m] [--seed S]   # the offline tiny Qwen2.5-VL
     zoomgym demo [key.sub=value ...]                        # what `make demo` runs
 
@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from algorithms.config import RUN_CONFIG_FILE, Config, check_run_dir, describe, load_config, validate
+from zoomgym.algorithms.config import RUN_CONFIG_FILE, Config, check_run_dir, describe, load_config, validate
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
@@ -67,7 +67,7 @@ def _train(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as err:
         print(f"zoomgym: error: {err}", file=sys.stderr)
         return 2
-    from algorithms.trainer import run
+    from zoomgym.algorithms.trainer import run
 
     algo = run(cfg, resume=args.resume is not None)
     _print_summary(algo)
@@ -93,16 +93,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _tiny_model(argv: Sequence[str]) -> int:
-    from agents.models import tiny_model_main
+    from zoomgym.agents.models import tiny_model_main
 
     return tiny_model_main(list(argv))
 
 
 def _eval(argv: Sequence[str]) -> int:
     """``zoomgym eval CONFIG [overrides]``: greedy validation of the config's model on its ``data.val``;
-    anything else goes to ``python -m envs.evaluate`` (scripted agents)."""
+    anything else goes to ``python -m zoomgym.envs.evaluate`` (scripted agents)."""
     if not argv or not argv[0].endswith((".yaml", ".yml")):
-        from envs.evaluate import main as evaluate_main
+        from zoomgym.envs.evaluate import main as evaluate_main
 
         evaluate_main(list(argv))  # prints its table; returns the metrics
         return 0
@@ -111,7 +111,7 @@ def _eval(argv: Sequence[str]) -> int:
     except (ValueError, TypeError) as err:
         print(f"zoomgym: error: {err}", file=sys.stderr)
         return 2
-    from algorithms.trainer import evaluate_model
+    from zoomgym.algorithms.trainer import evaluate_model
 
     metrics = evaluate_model(cfg)
     print(f"{cfg.model.path}: greedy, {cfg.env.id or cfg.algorithm.name + ' env'}")
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("eval", add_help=False,
                    help="eval CONFIG [overrides]: greedy validation of model.path on data.val; "
-                        "eval --agent ...: scripted agents (python -m envs.evaluate)")
+                        "eval --agent ...: scripted agents (python -m zoomgym.envs.evaluate)")
     sub.add_parser("tiny-model", help="build the offline tiny Qwen2.5-VL (see `zoomgym tiny-model --help`)",
                    add_help=False)
     return parser

@@ -609,7 +609,7 @@ def _validate_lora(cfg: Config) -> None:
 
 
 def _validate_names(cfg: Config) -> None:
-    import algorithms
+    from zoomgym import algorithms
 
     if cfg.algorithm.name not in algorithms.ALGORITHMS:
         names = sorted(algorithms.ALGORITHMS)
@@ -621,8 +621,7 @@ def _validate_names(cfg: Config) -> None:
     _check_core_name("algorithm.kl_kind", cfg.algorithm.kl_kind, "KL_ESTIMATORS")
     if cfg.env.id is not None:
         import gymnasium
-
-        import envs  # noqa: F401 - registers the zoomgym ids
+        from zoomgym import envs  # noqa: F401 - registers the zoomgym ids
 
         if cfg.env.id not in gymnasium.registry:
             ids = sorted(k for k in gymnasium.registry if k.startswith("zoomgym/"))
@@ -633,7 +632,7 @@ def _validate_names(cfg: Config) -> None:
 
 
 def _check_core_name(key: str, value: str, registry_name: str) -> None:
-    from algorithms import core
+    from zoomgym.algorithms import core
 
     registry = getattr(core, registry_name)
     if value not in registry:
@@ -662,7 +661,7 @@ def _validate_model_path(model: ModelConfig) -> None:
 
 
 def _validate_datasets(data: DataConfig) -> None:
-    from envs.data import DATASETS
+    from zoomgym.envs.data import DATASETS
 
     specs = [("data.train", data.train)] + [(f"data.val[{i}]", d) for i, d in enumerate(data.val)]
     for key, spec in specs:

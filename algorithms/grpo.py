@@ -32,13 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-
-from algorithms import core
-from algorithms.trainer import Trainer, derive_seed, episode_metrics
+from zoomgym.algorithms import core
+from zoomgym.algorithms.trainer import Trainer, derive_seed, episode_metrics
 
 if TYPE_CHECKING:
-    from agents.trajectory import Trajectory
-    from envs.data import Sample
+    from zoomgym.agents.trajectory import Trajectory
+    from zoomgym.envs.data import Sample
 
 
 def last_turn_mask(loss_mask: torch.Tensor) -> torch.Tensor:

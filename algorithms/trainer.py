@@ -32,21 +32,20 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
-
-from algorithms.checkpoint import (
+from zoomgym.algorithms.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from algorithms.config import RUN_CONFIG_FILE, Config, DatasetConfig, check_run_dir, save_config
-from algorithms.config import validate as validate_config
-from algorithms.logging import RunLogger
+from zoomgym.algorithms.config import RUN_CONFIG_FILE, Config, DatasetConfig, check_run_dir, save_config
+from zoomgym.algorithms.config import validate as validate_config
+from zoomgym.algorithms.logging import RunLogger
 
 if TYPE_CHECKING:
-    from agents.trajectory import Trajectory
-    from envs.data import Sample
+    from zoomgym.agents.trajectory import Trajectory
+    from zoomgym.envs.data import Sample
 
 SelfTrainer = TypeVar("SelfTrainer", bound="Trainer")
 
@@ -75,7 +74,7 @@ def seed_everything(seed: int) -> None:
 
 def load_samples(spec: DatasetConfig) -> list[Sample]:
     """``envs.data.load_dataset`` for a config entry (``path`` passed as the loader's path or root)."""
-    from envs.data import DATASETS, load_dataset
+    from zoomgym.envs.data import DATASETS, load_dataset
 
     kwargs = dict(spec.options)
     if spec.path is not None:
@@ -100,8 +99,7 @@ def load_val_sets(specs: Sequence[DatasetConfig]) -> dict[str, list[Sample]]:
 def make_env(cfg: Config, env_id: str, agent: Any, sample: Sample, render: bool = False) -> Any:
     """A fresh env of `env_id` showing `sample`, with the agent's view budget and coordinate frame."""
     import gymnasium
-
-    import envs  # noqa: F401 - registers the zoomgym ids
+    from zoomgym import envs  # noqa: F401 - registers the zoomgym ids
 
     options = {"view_budget": agent.view_budget, "coord_frame": agent.coord_frame, **cfg.env.options}
     if cfg.env.max_turns is not None:
@@ -113,7 +111,7 @@ def make_env(cfg: Config, env_id: str, agent: Any, sample: Sample, render: bool 
 
 def sampling_params(cfg: Config, *, greedy: bool, seed: int) -> Any:
     """The backend's ``SamplingParams``: the config's temperature/top-p, or greedy (evaluation)."""
-    from agents.backends.base import SamplingParams
+    from zoomgym.agents.backends.base import SamplingParams
 
     r = cfg.rollout
     return SamplingParams(
@@ -482,12 +480,12 @@ def resolve_device(device: str) -> str:
 
 def build_agent(cfg: Config) -> Any:
     """The LMM agent of a config: builds the offline tiny model on first use, then loads it."""
-    import algorithms
-    from agents.lmm import LMMAgent
+    from zoomgym import algorithms
+    from zoomgym.agents.lmm import LMMAgent
 
     path = Path(cfg.model.path).expanduser()
     if cfg.model.build_tiny is not None and not path.exists():
-        from agents.models import build_tiny_model
+        from zoomgym.agents.models import build_tiny_model
 
         print(f"building the offline tiny model ({cfg.model.build_tiny}) in {path} ...")
         build_tiny_model(path, size=cfg.model.build_tiny, seed=cfg.trainer.seed)
@@ -524,7 +522,7 @@ def evaluate_model(cfg: Config) -> dict[str, float]:
     Returns:
         ``val/<set>/...`` metrics (see ``episode_metrics``).
     """
-    import algorithms
+    from zoomgym import algorithms
 
     validate_config(cfg)
     env_id = cfg.env.id or algorithms.get(cfg.algorithm.name).default_env_id
@@ -551,7 +549,7 @@ def run(cfg: Config, resume: bool = False) -> Trainer:
     Returns:
         The trained algorithm (``algo.run_dir``, ``algo.last_validation``, ...).
     """
-    import algorithms
+    from zoomgym import algorithms
 
     validate_config(cfg)
     check_run_dir(cfg, resume)
@@ -565,7 +563,7 @@ def run(cfg: Config, resume: bool = False) -> Trainer:
     warmup_stats: dict[str, float] = {}
     if cfg.warmup.enabled and checkpoint is None:
         # Before the algorithm is built, so the KL reference is the warmed-up policy, not the random one.
-        from algorithms.warmup import format_warmup
+        from zoomgym.algorithms.warmup import format_warmup
 
         env_id = cfg.env.id or algorithms.get(cfg.algorithm.name).default_env_id
         warmup_stats = format_warmup(agent, load_samples(cfg.data.train),

@@ -20,7 +20,7 @@ Loss (one optimizer step per warm-up step, AdamW, grad-norm clip)::
 over the scripted tokens of both turns (the env's tokens and the images are masked, exactly as in RL).
 
 Example:
-    >>> from algorithms.warmup import format_warmup                       # doctest: +SKIP
+    >>> from zoomgym.algorithms.warmup import format_warmup                       # doctest: +SKIP
     >>> stats = format_warmup(agent, samples, env_fn, WarmupConfig(enabled=True, steps=30))  # doctest: +SKIP
 """
 
@@ -32,16 +32,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-
-from agents.backends.base import Generation, GenerationRequest, SamplingParams
-from agents.rollout import run_rollouts
-from agents.scripted import answer_text, format_box
-from envs.data.sample import LETTERS
-from envs.geometry import Box
+from zoomgym.agents.backends.base import Generation, GenerationRequest, SamplingParams
+from zoomgym.agents.rollout import run_rollouts
+from zoomgym.agents.scripted import answer_text, format_box
+from zoomgym.envs.data.sample import LETTERS
+from zoomgym.envs.geometry import Box
 
 if TYPE_CHECKING:
-    from agents.trajectory import Trajectory
-    from algorithms.config import WarmupConfig
+    from zoomgym.agents.trajectory import Trajectory
+    from zoomgym.algorithms.config import WarmupConfig
 
 
 class ScriptedBackend:

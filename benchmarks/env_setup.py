@@ -44,9 +44,8 @@ CPU_BUDGET = {"min_pixels": 168 * 168, "max_pixels": 224 * 224}  # the `cpu` pre
 def measure(builds: int, cpu_items: int, default_items: int) -> dict[str, float]:
     """One variant's numbers (seconds per env or per item; bytes)."""
     import gymnasium
-
-    import envs  # noqa: F401  (registers the ids)
-    from envs.data import clear_image_cache, load_image, synthetic
+    from zoomgym import envs  # noqa: F401  (registers the ids)
+    from zoomgym.envs.data import clear_image_cache, load_image, synthetic
 
     samples = synthetic(2, seed=0, preset="cpu")
     gymnasium.make("zoomgym/ZoomEnv-v0", dataset=samples, view_budget=CPU_BUDGET).reset(seed=0)  # warm-up
@@ -91,7 +90,7 @@ def _export(ref: str, folder: Path) -> Path:
     archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "envs"], check=True, capture_output=True)
     target = folder / "baseline"
     target.mkdir()
-    archive_path = folder / "envs.tar"
+    archive_path = folder / "zoomgym.envs.tar"
     archive_path.write_bytes(archive.stdout)
     with tarfile.open(archive_path) as tar:
         tar.extractall(target, filter="data")

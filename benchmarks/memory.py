@@ -47,7 +47,7 @@ resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 _DECODE_CHILD = _PREAMBLE + """
 import time
-from envs.data import Sample, load_image
+from zoomgym.envs.data import Sample, load_image
 before = rss_mib("VmRSS")
 start = time.perf_counter()
 try:
@@ -61,10 +61,10 @@ print(json.dumps({"peak_mib": rss_mib("VmHWM") - before, "seconds": seconds, "ou
 
 _ENVS_CHILD = _PREAMBLE + """
 import gymnasium
-import envs
-from agents.scripted import OracleAgent
-from envs.data import Sample, image_cache_info
-from envs.geometry import Box
+from zoomgym import envs
+from zoomgym.agents.scripted import OracleAgent
+from zoomgym.envs.data import Sample, image_cache_info
+from zoomgym.envs.geometry import Box
 paths, rounds = sys.argv[1:-1], int(sys.argv[-1])
 agent = OracleAgent()
 pool = []

@@ -36,7 +36,7 @@ _CHILD = """
 import json, sys, time
 def rss_mib():
     return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
-from envs.data import load_mme_realworld
+from zoomgym.envs.data import load_mme_realworld
 before = rss_mib()
 start = time.perf_counter()
 samples = load_mme_realworld(sys.argv[1])

@@ -1,6 +1,6 @@
 """Run an agent over samples in a zoom env: accuracy, grounding statistics and rendered episodes.
 
-``python -m envs.evaluate --agent oracle random --n 50 --out runs/demo`` runs the scripted agents over
+``python -m zoomgym.envs.evaluate --agent oracle random --n 50 --out runs/demo`` runs the scripted agents over
 synthetic samples, prints a table and writes ``metrics.json`` and a few ``*.png`` per agent.
 """
 
@@ -16,8 +16,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from PIL import Image
-
-from envs.data.sample import Sample
+from zoomgym.envs.data.sample import Sample
 
 
 def evaluate(
@@ -150,12 +149,14 @@ def _safe(name: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """The command line: scripted agents over synthetic samples."""
-    import agents
-    import envs  # noqa: F401  (registers the env ids)
-    from envs.data import synthetic
-    from envs.data.synthetic import budget_made_for
+    from zoomgym import (
+        agents,
+        envs,  # noqa: F401  (registers the env ids)
+    )
+    from zoomgym.envs.data import synthetic
+    from zoomgym.envs.data.synthetic import budget_made_for
 
-    parser = argparse.ArgumentParser(prog="python -m envs.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m zoomgym.envs.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--agent", nargs="+", choices=["oracle", "random"], default=["oracle", "random"])
     parser.add_argument("--env", default="zoomgym/ZoomEnv-v0")
     parser.add_argument("--n", type=int, default=50, help="synthetic samples")

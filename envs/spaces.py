@@ -28,9 +28,8 @@ import numpy as np
 from gymnasium.spaces import Space, Text, Tuple
 from gymnasium.vector.utils import batch_space, concatenate, create_empty_array, create_shared_memory
 from PIL import Image
-
-from envs.geometry import Box
-from envs.views import ViewInfo
+from zoomgym.envs.geometry import Box
+from zoomgym.envs.views import ViewInfo
 
 Part = dict[str, Any]
 Message = dict[str, Any]

@@ -12,9 +12,8 @@ import weakref
 from dataclasses import dataclass
 
 from PIL import Image
-
-from envs.cache import IMAGE_CACHE
-from envs.geometry import Box, Size, original_to_region, region_to_original
+from zoomgym.envs.cache import IMAGE_CACHE
+from zoomgym.envs.geometry import Box, Size, original_to_region, region_to_original
 
 RESAMPLING: dict[str, Image.Resampling] = {
     "bicubic": Image.Resampling.BICUBIC,

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.backends.base import Backend, FinishReason, Generation, GenerationRequest, SamplingParams
+from zoomgym.agents.backends.base import Backend, FinishReason, Generation, GenerationRequest, SamplingParams
 
 BACKENDS: dict[str, str] = {
-    "hf": "agents.backends.hf:HFBackend",
-    "vllm": "agents.backends.vllm:VLLMBackend",
+    "hf": "zoomgym.agents.backends.hf:HFBackend",
+    "vllm": "zoomgym.agents.backends.vllm:VLLMBackend",
 }
 """Backend name -> ``module:class``."""
 

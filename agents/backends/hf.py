@@ -25,8 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-
-from agents.backends.base import (
+from zoomgym.agents.backends.base import (
     Generation,
     GenerationRequest,
     SamplingParams,

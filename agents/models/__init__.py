@@ -10,7 +10,7 @@
 - ``train_tiny_tokenizer()`` / ``load_qwen25_tokenizer()``: Qwen-layout tokenizers built offline
   (``agents.models.tokenizer``).
 
-Names are imported lazily so ``import agents.models`` does not import torch or transformers.
+Names are imported lazily so ``import zoomgym.agents.models`` does not import torch or transformers.
 """
 
 from __future__ import annotations
@@ -19,20 +19,20 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ADAPTERS": "agents.models.qwen",
-    "QwenVLAdapter": "agents.models.qwen",
-    "adapter_for": "agents.models.qwen",
-    "PROCESSORS": "agents.models.processor",
-    "Qwen2_5_VLImageOnlyProcessor": "agents.models.processor",
-    "Qwen2VLImageOnlyProcessor": "agents.models.processor",
-    "load_processor": "agents.models.processor",
-    "save_processor": "agents.models.processor",
-    "TINY_SIZES": "agents.models.tiny",
-    "build_tiny_model": "agents.models.tiny",
-    "tiny_model_main": "agents.models.tiny",
-    "QWEN_VL_CHAT_TEMPLATE": "agents.models.tokenizer",
-    "load_qwen25_tokenizer": "agents.models.tokenizer",
-    "train_tiny_tokenizer": "agents.models.tokenizer",
+    "ADAPTERS": "zoomgym.agents.models.qwen",
+    "QwenVLAdapter": "zoomgym.agents.models.qwen",
+    "adapter_for": "zoomgym.agents.models.qwen",
+    "PROCESSORS": "zoomgym.agents.models.processor",
+    "Qwen2_5_VLImageOnlyProcessor": "zoomgym.agents.models.processor",
+    "Qwen2VLImageOnlyProcessor": "zoomgym.agents.models.processor",
+    "load_processor": "zoomgym.agents.models.processor",
+    "save_processor": "zoomgym.agents.models.processor",
+    "TINY_SIZES": "zoomgym.agents.models.tiny",
+    "build_tiny_model": "zoomgym.agents.models.tiny",
+    "tiny_model_main": "zoomgym.agents.models.tiny",
+    "QWEN_VL_CHAT_TEMPLATE": "zoomgym.agents.models.tokenizer",
+    "load_qwen25_tokenizer": "zoomgym.agents.models.tokenizer",
+    "train_tiny_tokenizer": "zoomgym.agents.models.tokenizer",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -40,5 +40,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'agents.models' has no attribute {name!r}")
+        raise AttributeError(f"module 'zoomgym.agents.models' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -6,7 +6,7 @@ an `ImageRef` (an image stored in a cell of a parquet/TSV/jsonl file, read on de
 `RenderedImage` is an image drawn on demand from a small description (the synthetic canvases).
 """
 
-from envs.data.images import (
+from zoomgym.envs.data.images import (
     MAX_IMAGE_PIXELS,
     SUPPORTED_MODES,
     CacheInfo,
@@ -20,7 +20,7 @@ from envs.data.images import (
     load_view_source,
     set_image_cache_capacity,
 )
-from envs.data.loaders import (
+from zoomgym.envs.data.loaders import (
     DATASETS,
     load_dataset,
     load_hrbench,
@@ -28,8 +28,8 @@ from envs.data.loaders import (
     load_mme_realworld,
     load_vstar,
 )
-from envs.data.sample import LETTERS, ImageRef, ImageSource, RenderedImage, Sample
-from envs.data.synthetic import SYNTHETIC_PRESETS, synthetic
+from zoomgym.envs.data.sample import LETTERS, ImageRef, ImageSource, RenderedImage, Sample
+from zoomgym.envs.data.synthetic import SYNTHETIC_PRESETS, synthetic
 
 __all__ = [
     "DATASETS",

@@ -67,10 +67,9 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import ExifTags, Image
-
-from envs.cache import IMAGE_CACHE, CacheInfo
-from envs.data.sample import ImageRef, RenderedImage, Sample
-from envs.data.tables import read_image_ref
+from zoomgym.envs.cache import IMAGE_CACHE, CacheInfo
+from zoomgym.envs.data.sample import ImageRef, RenderedImage, Sample
+from zoomgym.envs.data.tables import read_image_ref
 
 MAX_IMAGE_PIXELS = 16384 * 16384
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS

@@ -56,12 +56,11 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from tqdm import tqdm
-
-from envs.data.images import ImageLoadError, check_image
-from envs.data.sample import LETTERS, ImageRef, Sample
-from envs.data.synthetic import synthetic
-from envs.data.tables import LARGE_ROW_GROUP_BYTES, decode_image_field
-from envs.geometry import Box
+from zoomgym.envs.data.images import ImageLoadError, check_image
+from zoomgym.envs.data.sample import LETTERS, ImageRef, Sample
+from zoomgym.envs.data.synthetic import synthetic
+from zoomgym.envs.data.tables import LARGE_ROW_GROUP_BYTES, decode_image_field
+from zoomgym.envs.geometry import Box
 
 T = TypeVar("T")
 

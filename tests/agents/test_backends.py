@@ -10,10 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from agents.backends.base import GenerationRequest, SamplingParams, finish, stop_reached
-from agents.backends.hf import next_token_logprobs, sample_next
-from agents.backends.vllm import (
+from zoomgym.agents.backends.base import GenerationRequest, SamplingParams, finish, stop_reached
+from zoomgym.agents.backends.hf import next_token_logprobs, sample_next
+from zoomgym.agents.backends.vllm import (
     BANNED_LOGIT_BIAS,
     VLLMBackend,
     collapse_image_pads,
@@ -209,7 +208,7 @@ def test_vllm_weight_sync_sleep_and_wake():
 
 
 def test_importing_backends_imports_neither_torch_nor_vllm():
-    code = ("import sys, agents, agents.backends, agents.backends.vllm; "
+    code = ("import sys, zoomgym.agents, zoomgym.agents.backends, zoomgym.agents.backends.vllm; "
             "print('torch' in sys.modules, 'vllm' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
@@ -235,7 +234,7 @@ def test_vllm_engine_matches_hf_greedy(tiny_model_dir):
     pytest.importorskip("vllm")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from agents.lmm import LMMAgent
+    from zoomgym.agents.lmm import LMMAgent
 
     hf = LMMAgent.from_pretrained(tiny_model_dir, device="cuda")
     vl = LMMAgent.from_pretrained(tiny_model_dir, backend="vllm", max_turns=1, dtype="float32",
@@ -249,8 +248,8 @@ def test_vllm_engine_matches_hf_greedy(tiny_model_dir):
 def test_stop_watcher_matches_whole_turn_decoding_and_decodes_only_a_tail():
     import random
 
-    from agents.backends.base import StopWatcher
-    from agents.models import train_tiny_tokenizer
+    from zoomgym.agents.backends.base import StopWatcher
+    from zoomgym.agents.models import train_tiny_tokenizer
 
     tokenizer = train_tiny_tokenizer()
     lengths = []
@@ -282,8 +281,8 @@ def test_stop_watcher_matches_whole_turn_decoding_and_decodes_only_a_tail():
 
 def test_hf_backend_never_emits_placeholder_or_vision_ids(tiny_model_dir):
     """Even a model whose logits favour the placeholders by 1e4 cannot sample them."""
-    from agents.backends.base import placeholder_ids
-    from agents.lmm import LMMAgent
+    from zoomgym.agents.backends.base import placeholder_ids
+    from zoomgym.agents.lmm import LMMAgent
 
     agent = LMMAgent.from_pretrained(tiny_model_dir)
     adapter = agent.adapter

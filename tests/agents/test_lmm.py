@@ -5,9 +5,8 @@ from __future__ import annotations
 import gymnasium
 import pytest
 import torch
-
-from agents.backends.base import SamplingParams
-from agents.lmm import LMMAgent
+from zoomgym.agents.backends.base import SamplingParams
+from zoomgym.agents.lmm import LMMAgent
 
 
 def test_view_budget_and_frame_come_from_the_processor(tiny_agent):

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 from released_checkpoint import LAYOUTS, as_released_checkpoint
-
-from agents.models import build_tiny_model, load_processor, save_processor
-from agents.models.processor import (
+from zoomgym.agents.models import build_tiny_model, load_processor, save_processor
+from zoomgym.agents.models.processor import (
     PROCESSOR_FILES,
     Qwen2_5_VLImageOnlyProcessor,
     Qwen2VLImageOnlyProcessor,
     is_hub_id,
 )
-from agents.models.tokenizer import QWEN_VL_CHAT_TEMPLATE, train_tiny_tokenizer
+from zoomgym.agents.models.tokenizer import QWEN_VL_CHAT_TEMPLATE, train_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +116,7 @@ def _processor_outcome(folder: Path) -> tuple[str, str]:
 def test_checkpoints_keep_every_processor_file_of_a_released_model(tmp_path: Path, layout: str) -> None:
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
     from transformers.video_processing_utils import BaseVideoProcessor
-
-    from algorithms.checkpoint import save_checkpoint
+    from zoomgym.algorithms.checkpoint import save_checkpoint
 
     source = as_released_checkpoint(build_tiny_model(tmp_path / "released", "1m", seed=0), layout)
     source_files = {p.name for p in source.iterdir()}
@@ -162,7 +160,7 @@ def test_an_overridden_pixel_budget_is_what_the_checkpoint_says(tmp_path: Path) 
 def test_the_stock_processor_where_torchvision_works(tiny_dir: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """With torchvision, a checkpoint with a video processor config gets transformers' own processor."""
-    from agents.models import processor as module
+    from zoomgym.agents.models import processor as module
 
     class Stock:
         @classmethod

@@ -6,11 +6,11 @@ import sys
 
 import gymnasium as gym
 import pytest
+from zoomgym import envs  # noqa: F401
+from zoomgym.agents import Agent, OracleAgent, RandomAgent, ReplayAgent, split_infos
+from zoomgym.envs.data import Sample
+from zoomgym.envs.evaluate import evaluate
 
-import envs  # noqa: F401
-from agents import Agent, OracleAgent, RandomAgent, ReplayAgent, split_infos
-from envs.data import Sample
-from envs.evaluate import evaluate
 from tests.conftest import marker_sample
 
 

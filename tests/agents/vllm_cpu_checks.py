@@ -204,7 +204,7 @@ class TextChecks:
     """The text-path checks, run in order; later ones reuse engines built by earlier ones."""
 
     def __init__(self, work: Path) -> None:
-        from agents.models.tokenizer import train_tiny_tokenizer
+        from zoomgym.agents.models.tokenizer import train_tiny_tokenizer
 
         self.work = work
         self.tokenizer = train_tiny_tokenizer()
@@ -221,13 +221,13 @@ class TextChecks:
         self.fresh_chain_engine: Any = None
 
     def backend(self, folder: Path, **kwargs: Any) -> Any:
-        from agents.backends.vllm import VLLMBackend
+        from zoomgym.agents.backends.vllm import VLLMBackend
 
         return VLLMBackend.from_pretrained(str(folder), self.adapter, max_turns=2, dtype="float32",
                                            max_model_len=512, **CPU_ENGINE, **kwargs)
 
     def requests(self, max_new_tokens: int, seeds: list[int | None]) -> list[Any]:
-        from agents.backends.base import GenerationRequest
+        from zoomgym.agents.backends.base import GenerationRequest
 
         return [GenerationRequest(list(p), max_new_tokens=max_new_tokens, seed=s) for p, s in zip(self.prompts, seeds,
                                                                                                    strict=True)]
@@ -240,7 +240,7 @@ class TextChecks:
         return f"VLLMBackend.from_pretrained built the engine in {time.perf_counter() - start:.1f} s"
 
     def seeded_sampling(self) -> str:
-        from agents.backends.base import SamplingParams
+        from zoomgym.agents.backends.base import SamplingParams
 
         sampling = SamplingParams(temperature=1.0, max_new_tokens=12, stop_after_block=None)
         batch = self.engine.generate(self.requests(12, [11, 12, 13]), sampling)
@@ -257,7 +257,7 @@ class TextChecks:
         return f"seeds 11/12/13 -> {[g.token_ids[:4] for g in batch]}... identical alone, batched and reordered"
 
     def logprobs_match_definition(self) -> str:
-        from agents.backends.base import SamplingParams, placeholder_ids
+        from zoomgym.agents.backends.base import SamplingParams, placeholder_ids
 
         banned = placeholder_ids(self.adapter)
         worst: dict[str, float] = {}
@@ -287,7 +287,7 @@ class TextChecks:
         return torch.log_softmax(logits, dim=-1).max(dim=-1).values.tolist()
 
     def load_weights_in_place(self) -> str:
-        from agents.backends.base import SamplingParams
+        from zoomgym.agents.backends.base import SamplingParams
 
         greedy = SamplingParams(temperature=0.0, max_new_tokens=len(self.chain), stop_after_block=None)
         sampled = SamplingParams(temperature=1.0, max_new_tokens=len(self.chain), stop_after_block=None)
@@ -310,7 +310,7 @@ class TextChecks:
                 "(greedy and seeded T=1, tokens and log-probs)")
 
     def stop_token_ids(self) -> str:
-        from agents.backends.base import SamplingParams
+        from zoomgym.agents.backends.base import SamplingParams
 
         k = 4
         sampling = SamplingParams(temperature=0.0, max_new_tokens=len(self.chain), stop_after_block=None,
@@ -321,7 +321,7 @@ class TextChecks:
         return f"stopped at id {self.chain[k]} (kept, finish_reason='eos')"
 
     def stop_strings(self) -> str:
-        from agents.backends.base import SamplingParams
+        from zoomgym.agents.backends.base import SamplingParams
 
         sampling = SamplingParams(temperature=0.0, max_new_tokens=len(self.chain), stop_after_block=None,
                                   stop=("[12",))
@@ -331,7 +331,7 @@ class TextChecks:
         return f"cut after {expected} tokens: {self.tokenizer.decode(self.chain[:expected])!r}"
 
     def json_block_stop(self) -> str:
-        from agents.backends.base import SamplingParams
+        from zoomgym.agents.backends.base import SamplingParams
 
         engine = self._chain_engine()
         n = len(self.chain)
@@ -360,7 +360,7 @@ class TextChecks:
         return self._sleep_round_trip(self._chain_engine())
 
     def _sleep_round_trip(self, engine: Any) -> str:
-        from agents.backends.base import SamplingParams
+        from zoomgym.agents.backends.base import SamplingParams
 
         sampling = SamplingParams(temperature=1.0, max_new_tokens=8, stop_after_block=None)
         before = engine.generate(self.requests(8, [3, 4, 5]), sampling)
@@ -403,7 +403,7 @@ TEETH = {"other images of the same sizes": 1e-2, "flat 1-D positions": 1e-3}
 
 
 def samplings() -> dict[str, Any]:
-    from agents.backends.base import SamplingParams
+    from zoomgym.agents.backends.base import SamplingParams
 
     return {"T=1": SamplingParams(temperature=1.0, seed=3, max_new_tokens=12),
             "T=0.7": SamplingParams(temperature=0.7, seed=4, max_new_tokens=12),
@@ -466,10 +466,9 @@ class ImageChecks:
     def __init__(self, work: Path) -> None:
         from released_checkpoint import as_released_checkpoint
         from transformers import AutoModelForImageTextToText
-
-        from agents.lmm import LMMAgent
-        from agents.models import build_tiny_model
-        from envs.data.sample import Sample
+        from zoomgym.agents.lmm import LMMAgent
+        from zoomgym.agents.models import build_tiny_model
+        from zoomgym.envs.data.sample import Sample
 
         self.work = work
         self.source = as_released_checkpoint(build_tiny_model(work / "source", "1m", seed=0, **VIEW_BUDGET),
@@ -484,16 +483,15 @@ class ImageChecks:
         self.rolled: dict[tuple[str, str], list[Any]] = {}  # the first engine's rollouts, by (episode, sampling)
 
     def backend(self, folder: Path) -> Any:
-        from agents.backends.vllm import VLLMBackend
+        from zoomgym.agents.backends.vllm import VLLMBackend
 
         return VLLMBackend.from_pretrained(str(folder), self.trainer.adapter, max_turns=3, dtype="float32",
                                            max_model_len=2048, **CPU_ENGINE)
 
     def rollout(self, backend: Any, trainer: Any, episode: str, sampling: str) -> list[Any]:
         import gymnasium
-
-        import envs  # noqa: F401  (registers the env ids)
-        from agents.lmm import LMMAgent
+        from zoomgym import envs  # noqa: F401  (registers the env ids)
+        from zoomgym.agents.lmm import LMMAgent
 
         env_id, env_kwargs, zooms = EPISODES[episode]
         adapter = trainer.adapter
@@ -573,7 +571,7 @@ class ImageChecks:
         return f"engine core client {client}: same tokens as in-process, max log-prob difference {diffs}"
 
     def checkpoint_engine_builds(self) -> str:
-        from algorithms.checkpoint import save_checkpoint
+        from zoomgym.algorithms.checkpoint import save_checkpoint
 
         ckpt = save_checkpoint(self.work / "run", 1, model=self.new_trainer.model, processor=self.trainer.processor,
                                trainer_state={})

@@ -7,12 +7,11 @@ from typing import Any
 
 import pytest
 import torch
-
-import algorithms
-from algorithms.config import Config
-from algorithms.grpo import GRPO
-from algorithms.logging import read_metrics
-from algorithms.trainer import build_agent, run
+from zoomgym import algorithms
+from zoomgym.algorithms.config import Config
+from zoomgym.algorithms.grpo import GRPO
+from zoomgym.algorithms.logging import read_metrics
+from zoomgym.algorithms.trainer import build_agent, run
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -53,8 +52,7 @@ def check_finished_run(algo: Any, initial: dict[str, torch.Tensor], env_id: str,
     assert (run_dir / "config.yaml").is_file()
 
     from transformers import AutoModelForImageTextToText
-
-    from agents.models import load_processor
+    from zoomgym.agents.models import load_processor
 
     reloaded = AutoModelForImageTextToText.from_pretrained(algo.last_checkpoint)
     for n, p in reloaded.named_parameters():
@@ -126,7 +124,7 @@ def test_dynamic_sampling_keeps_informative_groups(
     tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Groups with equal rewards are dropped and fresh prompts top the batch up, whole groups only."""
-    from agents.trajectory import Trajectory
+    from zoomgym.agents.trajectory import Trajectory
 
     cfg = tiny_config("algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_max_rounds=3",
                       "data.val=[]")
@@ -150,7 +148,7 @@ def test_dynamic_sampling_keeps_informative_groups(
 def test_prompts_cover_each_epoch_once_in_a_fresh_order() -> None:
     from types import SimpleNamespace
 
-    from algorithms.config import Config as Cfg
+    from zoomgym.algorithms.config import Config as Cfg
 
     stub = SimpleNamespace(train_samples=list(range(5)), cfg=Cfg(), prompts_drawn=0)
     drawn = [GRPO.next_prompts(stub, 2) for _ in range(5)]  # 10 prompts = 2 epochs of 5
@@ -163,7 +161,7 @@ def test_prompts_cover_each_epoch_once_in_a_fresh_order() -> None:
 
 def test_an_update_moves_log_probs_the_way_of_the_advantages(tiny_config: Callable[..., Config]) -> None:
     """One PPO update: episodes with A > 0 become more likely, those with A < 0 less likely."""
-    from algorithms.grpo import _pad
+    from zoomgym.algorithms.grpo import _pad
 
     cfg = tiny_config("algorithm.kl_coef=0", "algorithm.entropy_coef=0", "trainer.mini_batch_prompts=2",
                       "trainer.lr=1e-4", "data.val=[]")
@@ -191,8 +189,8 @@ def test_validation_is_greedy_on_every_held_out_set() -> None:
     """The reference meant greedy validation and sampled at T=1: ours passes greedy settings to the backend."""
     from types import SimpleNamespace
 
-    from algorithms.config import Config as Cfg
-    from algorithms.trainer import Trainer, sampling_params
+    from zoomgym.algorithms.config import Config as Cfg
+    from zoomgym.algorithms.trainer import Trainer, sampling_params
 
     calls = []
     stub = SimpleNamespace(cfg=Cfg(), val_sets={"a": ["s1", "s2"], "b": ["s3"]}, step=4, first_validation={},
@@ -209,12 +207,11 @@ def test_validation_is_greedy_on_every_held_out_set() -> None:
 def test_episode_metrics_grounding_health_from_real_env_episodes() -> None:
     """Valid-box ratio, IoU and accuracy split by zoomed / not zoomed, from ZoomEnv infos of scripted agents."""
     import gymnasium
-
-    import envs  # noqa: F401 - registers the zoomgym ids
-    from agents.scripted import OracleAgent, ReplayAgent
-    from agents.trajectory import Trajectory
-    from algorithms.trainer import episode_metrics
-    from envs.data import synthetic
+    from zoomgym import envs  # noqa: F401 - registers the zoomgym ids
+    from zoomgym.agents.scripted import OracleAgent, ReplayAgent
+    from zoomgym.agents.trajectory import Trajectory
+    from zoomgym.algorithms.trainer import episode_metrics
+    from zoomgym.envs.data import synthetic
 
     def play(agent: Any, sample: Any) -> Trajectory:
         # The default budget shows the 672 px canvas whole (the oracle's box is then exact: IoU 1), not

@@ -12,8 +12,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
-
-from envs.data import (
+from zoomgym.envs.data import (
     MAX_IMAGE_PIXELS,
     ImageLoadError,
     RenderedImage,
@@ -309,8 +308,8 @@ def test_cached_views_do_not_keep_evicted_originals_alive():
     import gc
     import weakref
 
-    from envs.geometry import Box
-    from envs.views import ViewBudget, make_view
+    from zoomgym.envs.geometry import Box
+    from zoomgym.envs.views import ViewBudget, make_view
 
     first, second = (sample_of(encode(Image.new("RGB", (150, 100), (i, 0, 0))), f"s{i}") for i in (1, 2))
     original = load_image(first)
@@ -326,8 +325,8 @@ def test_cached_views_do_not_keep_evicted_originals_alive():
 
 
 def test_views_are_charged_to_the_image_budget_and_not_cached_when_it_is_zero():
-    from envs.geometry import Box
-    from envs.views import ViewBudget, make_view
+    from zoomgym.envs.geometry import Box
+    from zoomgym.envs.views import ViewBudget, make_view
 
     original = Image.new("RGB", (150, 100), "white")
     before = image_cache_info().bytes
@@ -351,7 +350,7 @@ _PEAK_CHILD = """
 import json, resource, sys
 def status(field):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
-from envs.data import ImageLoadError, Sample, load_image
+from zoomgym.envs.data import ImageLoadError, Sample, load_image
 sample = Sample("big-1", sys.argv[1], "q?", ("a", "b"), "A")
 if sys.argv[2] == "limit":  # room for the interpreter, not for the pixels: the decode runs out of memory
     limit = status("VmSize") + 64 * 2**20
@@ -405,7 +404,7 @@ def test_running_out_of_memory_is_an_image_load_error_naming_file_and_sample(tmp
 
 
 def test_conversions_tile_by_tile_equal_whole_image_conversions(monkeypatch):
-    import envs.data.images as images
+    import zoomgym.envs.data.images as images
 
     monkeypatch.setattr(images, "DECODE_TILE_PIXELS", 64)  # a 40 x 40 image in tiles of one row or so
     rng = np.random.default_rng(0)
@@ -446,7 +445,7 @@ def test_fifo_or_folder_as_an_image_path_is_refused_without_blocking(tmp_path):
 
 
 def test_header_check_refuses_too_many_pixels_and_unconvertible_modes():
-    from envs.data import check_image
+    from zoomgym.envs.data import check_image
 
     # 20000 x 20000 = 400 MP: Pillow only warns below twice its limit; a decode would take ~3 GiB.
     with pytest.warns(Image.DecompressionBombWarning), pytest.raises(

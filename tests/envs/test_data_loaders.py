@@ -12,8 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from envs.data import (
+from zoomgym.envs.data import (
     DATASETS,
     ImageLoadError,
     ImageRef,
@@ -25,7 +24,7 @@ from envs.data import (
     load_mme_realworld,
     load_vstar,
 )
-from envs.geometry import Box
+from zoomgym.envs.geometry import Box
 
 
 def tiny_image(seed: int, size: tuple[int, int] = (24, 16)) -> Image.Image:
@@ -465,7 +464,7 @@ def test_registry_names_and_did_you_mean(tmp_path):
 
 
 def test_sample_takes_boxes_as_box_or_the_benchmarks_four_numbers():
-    from envs.geometry import Box
+    from zoomgym.envs.geometry import Box
 
     sample = Sample("s", b"", "q?", ("a", "b"), "A", boxes=[[1, 2, 30, 40], (5, 5, 9, 9.5), Box(0, 0, 1, 1)])
     assert sample.boxes == (Box(1, 2, 30, 40), Box(5, 5, 9, 9.5), Box(0, 0, 1, 1))
@@ -550,7 +549,7 @@ def test_hrbench_without_an_image_column_fails_at_load(tmp_path):
 
 
 def test_header_checks_show_a_progress_bar_for_large_sets(tmp_path, monkeypatch, capsys):
-    import envs.data.loaders as loaders
+    import zoomgym.envs.data.loaders as loaders
 
     path = write_dataset(tmp_path)
     load_jsonl(path)
@@ -602,12 +601,12 @@ def test_corrupt_parquet_data_pages_name_the_file(tmp_path):
 
 
 def test_table_cells_are_checked_from_their_first_bytes_unless_the_header_is_longer(tmp_path, monkeypatch):
-    import envs.data.loaders as loaders
+    import zoomgym.envs.data.loaders as loaders
 
     monkeypatch.setattr(loaders, "HEADER_CHECK_BYTES", 4096)
     seen = []
     monkeypatch.setattr(loaders, "check_image", lambda sample, encoded: seen.append(len(encoded)) or check(sample, encoded))
-    check = __import__("envs.data.images", fromlist=["check_image"]).check_image
+    check = __import__("zoomgym.envs.data.images", fromlist=["check_image"]).check_image
     records = mme_records()
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 120, 3), dtype=np.uint8))
     for record, comment in zip(records, (b"", b"x" * 8000)):  # a header longer than 4096 bytes in the second
@@ -623,7 +622,7 @@ def test_table_cells_are_checked_from_their_first_bytes_unless_the_header_is_lon
 
 
 def test_decoding_the_first_bytes_of_a_cell_with_line_breaks_and_without_padding():
-    from envs.data.tables import decode_image_field
+    from zoomgym.envs.data.tables import decode_image_field
 
     raw = png_bytes(tiny_image(9, (64, 64)))
     text = base64.b64encode(raw).decode().rstrip("=")

@@ -12,9 +12,15 @@ from collections import Counter
 import numpy as np
 import pytest
 from PIL import Image
-
-from envs.data import check_image, clear_image_cache, image_cache_info, image_size, load_image, synthetic
-from envs.data.synthetic import (
+from zoomgym.envs.data import (
+    check_image,
+    clear_image_cache,
+    image_cache_info,
+    image_size,
+    load_image,
+    synthetic,
+)
+from zoomgym.envs.data.synthetic import (
     COLOUR_PAIRS,
     FRAME_COLOURS,
     GREY,
@@ -24,8 +30,8 @@ from envs.data.synthetic import (
     SyntheticCanvas,
     checks,
 )
-from envs.geometry import Box
-from envs.views import RESAMPLING, ViewBudget, make_view
+from zoomgym.envs.geometry import Box
+from zoomgym.envs.views import RESAMPLING, ViewBudget, make_view
 
 # Views are made exactly as the env makes them (envs.views.make_view) under the budget the
 # samples were generated for.

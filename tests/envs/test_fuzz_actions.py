@@ -10,13 +10,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from zoomgym import envs  # noqa: F401
+from zoomgym.envs.actions import BoxRules, check_box, extract_boxed, read_box
+from zoomgym.envs.data import Sample
+from zoomgym.envs.geometry import Box, region_to_original
+from zoomgym.envs.rewards import match_answer
+from zoomgym.envs.views import MAX_ASPECT_RATIO, ViewBudget
 
-import envs  # noqa: F401
-from envs.actions import BoxRules, check_box, extract_boxed, read_box
-from envs.data import Sample
-from envs.geometry import Box, region_to_original
-from envs.rewards import match_answer
-from envs.views import MAX_ASPECT_RATIO, ViewBudget
 from tests.conftest import marker_sample
 
 OPTIONS = ("blue", "red", "green", "white")

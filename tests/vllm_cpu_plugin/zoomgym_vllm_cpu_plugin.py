@@ -96,7 +96,7 @@ def _with_video_stand_in(processor_cls: type) -> type:
 
 def _use_image_only_processors() -> None:
     try:
-        from agents.models.processor import PROCESSORS
+        from zoomgym.agents.models.processor import PROCESSORS
     except ImportError as err:
         raise ImportError(
             "Expects zoomgym to be importable in vLLM's processes (PYTHONPATH = the repository root), actual: "
