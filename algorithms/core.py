@@ -223,16 +223,20 @@ def group_advantages(
         A_i    =  r_i - mean_g                       otherwise           (Dr.GRPO)
 
     The unbiased std is what the reference (verl, ``torch.std``) uses. A group whose rewards are all
-    equal gets ``A = 0`` for every member. A group of one rollout has no peer to compare with: we give
-    it ``A = 0`` (its mean is its own reward; its std is taken as 0). verl instead sets mean 0 and std 1
-    for singletons, i.e. ``A = r``, which rewards a lone rollout as if the baseline were 0.
+    equal gets ``A = 0`` for every member, exactly, whatever the value: the mean is taken of
+    ``r_j - min_g r`` (all 0 in such a group) and the minimum added back, so no rounding step is left
+    over (verl's plain float32 mean of seven rewards of 0.7 is off by one rounding step, and divided by
+    a std of ~6e-8 that gives every member A = +0.056). A group of one rollout has no peer to compare
+    with: we give it ``A = 0`` (its mean is its own reward; its std is taken as 0). verl instead sets
+    mean 0 and std 1 for singletons, i.e. ``A = r``, which rewards a lone rollout as if the baseline
+    were 0.
 
     Args:
         rewards: (N,) scalar reward per trajectory; ints are cast to float32.
         group_ids: (N,) integer group of each trajectory; any values, not necessarily contiguous or
             sorted.
         norm_by_std: divide by the group std (GRPO); False gives plain mean-centring (Dr.GRPO).
-        eps: added to the std so that a zero-variance group does not divide by 0.
+        eps: added to the std so that a zero-variance group does not divide 0 by 0; must be > 0.
 
     Returns:
         (N,) advantages, one per trajectory (the caller broadcasts them to the trajectory's tokens).
@@ -240,6 +244,8 @@ def group_advantages(
     Ref: DeepSeekMath (arXiv 2402.03300) section 4.1.2; Dr.GRPO (arXiv 2503.20783).
     """
     _check_groups(rewards, group_ids)
+    if not eps > 0:
+        raise ValueError(f"Expects eps > 0 (a group of equal rewards has std 0, and 0 / 0 is NaN), actual {eps}")
     if not rewards.dtype.is_floating_point:
         rewards = rewards.float()
     _, group = torch.unique(group_ids, return_inverse=True)  # (N,) contiguous 0..num_groups-1
@@ -247,8 +253,11 @@ def group_advantages(
     count = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device).index_add_(
         0, group, torch.ones_like(rewards)
     )
-    total = torch.zeros_like(count).index_add_(0, group, rewards)
-    centred = rewards - (total / count)[group]
+    # Shifted by the group minimum: a group of equal rewards sums exact zeros, so its mean is exact.
+    low = torch.empty_like(count).scatter_reduce(0, group, rewards, reduce="amin", include_self=False)
+    shifted = rewards - low[group]
+    total = torch.zeros_like(count).index_add_(0, group, shifted)
+    centred = shifted - (total / count)[group]
     if not norm_by_std:
         return centred
     # Two-pass variance (sum of squared deviations), stable where sum(r^2) - n*mean^2 is not.

@@ -138,6 +138,26 @@ def test_group_advantages_equal_rewards_give_zero_and_ints_are_cast():
     assert torch.isfinite(adv).all()
 
 
+@pytest.mark.parametrize("value", [0.7, 0.1, 0.3, 0.9, 1 / 3, 123.456])
+@pytest.mark.parametrize("n", [3, 7, 8])
+def test_group_advantages_equal_non_binary_rewards_give_exactly_zero(value, n):
+    # float32: a plain mean of seven 0.7s is one rounding step off; over a std of ~6e-8 that was A = +0.056
+    rewards = torch.full((n,), value, dtype=torch.float32)
+    group_ids = torch.zeros(n, dtype=torch.long)
+    assert torch.equal(group_advantages(rewards, group_ids), torch.zeros(n))
+    assert torch.equal(group_advantages(rewards, group_ids, norm_by_std=False), torch.zeros(n))
+    # beside a group that varies, in either order
+    mixed = torch.cat([rewards, torch.tensor([0.0, 1.0])])
+    adv = group_advantages(mixed, torch.cat([group_ids, torch.ones(2, dtype=torch.long)]))
+    assert torch.equal(adv[:n], torch.zeros(n)) and adv[n] < 0 < adv[n + 1]
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-6])
+def test_group_advantages_rejects_eps_that_would_give_nan(eps):
+    with pytest.raises(ValueError, match="Expects eps > 0"):
+        group_advantages(torch.ones(4), torch.zeros(4, dtype=torch.long), eps=eps)
+
+
 def test_group_advantages_eps_is_added_to_the_std():
     # group [0, 1]: deviations -0.5, 0.5, var 0.5, std 0.707107; with eps = 1: A = -+0.5 / 1.707107
     close(
