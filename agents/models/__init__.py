@@ -14,8 +14,7 @@ Names are imported lazily so ``import agents.models`` does not import torch or t
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from zoomgym.registry import lazy_exports
 
 _EXPORTS = {
     "ADAPTERS": "agents.models.qwen",
@@ -34,9 +33,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'agents.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

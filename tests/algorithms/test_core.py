@@ -13,11 +13,9 @@ from algorithms.core import (
     AGGREGATIONS,
     KL_ESTIMATORS,
     POLICY_LOSSES,
-    Registry,
     agg_denominator,
     agg_loss,
     dynamic_sampling_keep,
-    entropy_from_logits,
     group_advantages,
     kl_penalty,
     logprob_gap_stats,
@@ -39,35 +37,6 @@ def close(actual, expected, atol: float = 1e-5) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Registries
 # ---------------------------------------------------------------------------------------------------
-
-
-def test_registry_registers_iterates_and_rejects_duplicates():
-    registry = Registry("widget")
-
-    @registry.register("alpha")
-    def alpha():
-        return 1
-
-    assert registry.lookup("alpha") is alpha
-    assert list(registry) == ["alpha"] and len(registry) == 1 and "alpha" in registry
-    with pytest.raises(ValueError, match="already registered"):
-        registry.register("alpha")(lambda: 2)
-    assert registry.lookup("alpha") is alpha  # the first registration survives
-    with pytest.raises(TypeError):
-        registry.register("")
-
-
-def test_registry_unknown_name_lists_known_and_suggests():
-    registry = Registry("widget")
-    registry.register("alpha")(lambda: 1)
-    registry.register("beta")(lambda: 2)
-    with pytest.raises(
-        ValueError, match=r"widget name in \['alpha', 'beta'\].*'alhpa'.*Did you mean 'alpha'"
-    ):
-        registry.lookup("alhpa")
-    with pytest.raises(ValueError) as info:
-        registry.lookup("zzzzzz")
-    assert "Did you mean" not in str(info.value) and "'alpha', 'beta'" in str(info.value)
 
 
 def test_builtin_registries_hold_the_documented_names():
@@ -538,34 +507,3 @@ def test_kl_penalty_gradients_flow_through_logp_only():
     assert ref.grad is None
     with pytest.raises(ValueError, match="Expects ref_logp with the shape"):
         kl_penalty(KL_LOGP, torch.zeros(2, 2), "k1")
-
-
-# ---------------------------------------------------------------------------------------------------
-# entropy_from_logits
-# ---------------------------------------------------------------------------------------------------
-
-
-def test_entropy_hand_computed():
-    logits = torch.tensor(
-        [
-            [0.0, 0.0, 0.0, 0.0],  # uniform over 4: log 4 = 1.386294
-            [0.0, math.log(3.0), -math.inf, -math.inf],  # p = [0.25, 0.75, 0, 0]: 0.562335
-            [1000.0, 0.0, 0.0, 0.0],  # one-hot up to e^-1000: 0
-        ]
-    )
-    # 0.25 * ln 4 + 0.75 * ln(4/3) = 0.346574 + 0.215762 = 0.562335
-    close(entropy_from_logits(logits), [1.386294, 0.562335, 0.0])
-
-
-def test_entropy_shape_and_finite_gradient_with_masked_vocab():
-    logits = torch.randn(2, 3, 5)
-    logits[..., 0] = -math.inf
-    logits.requires_grad_()
-    entropy = entropy_from_logits(logits)
-    assert entropy.shape == (2, 3)
-    entropy.sum().backward()
-    assert torch.isfinite(logits.grad).all()
-    assert torch.equal(logits.grad[..., 0], torch.zeros(2, 3))
-    # matches the definition -sum p log p over the unmasked entries
-    probs = torch.softmax(logits.detach()[..., 1:], dim=-1)
-    close(entropy.detach(), -(probs * probs.log()).sum(-1))
