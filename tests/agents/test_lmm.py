@@ -8,6 +8,7 @@ import torch
 
 from agents.backends.base import SamplingParams
 from agents.lmm import LMMAgent
+from agents.weights import merged_state_dict
 
 
 def test_view_budget_and_frame_come_from_the_processor(tiny_agent):
@@ -106,7 +107,7 @@ def test_token_logprobs_scores_with_another_model(tiny_agent, tiny_model_dir, sa
     assert torch.equal(ref, expected) and not torch.allclose(own, ref, atol=1e-3)
 
 
-def test_state_dict_for_backend_merges_lora_adapters(tiny_model_dir, samples):
+def test_merged_state_dict_merges_lora_adapters(tiny_model_dir, samples):
     peft = pytest.importorskip("peft")
     agent = LMMAgent.from_pretrained(tiny_model_dir)
     base_keys = set(agent.model.state_dict())
@@ -116,7 +117,7 @@ def test_state_dict_for_backend_merges_lora_adapters(tiny_model_dir, samples):
         for name, param in agent.model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    merged = agent.state_dict_for_backend()
+    merged = merged_state_dict(agent.model)
     assert set(merged) == base_keys
     assert any("lora_A" in k for k in agent.model.state_dict())  # the training model is left as it was
     plain = LMMAgent.from_pretrained(tiny_model_dir)

@@ -200,8 +200,8 @@ class Checks:
         from agents.backends.vllm import VLLMBackend
 
         # The CPU build sizes its KV cache from kv_cache_memory_bytes (else a share of RAM); 1 GiB is plenty.
-        return VLLMBackend.from_pretrained(str(folder), self.adapter, max_turns=2, dtype="float32",
-                                           enforce_eager=True, max_model_len=512, kv_cache_memory_bytes=2**30,
+        return VLLMBackend.from_pretrained(str(folder), adapter=self.adapter, dtype="float32", max_images=2,
+                                           max_context_tokens=512, enforce_eager=True, kv_cache_memory_bytes=2**30,
                                            **kwargs)
 
     def requests(self, max_new_tokens: int, seeds: list[int | None]) -> list[Any]:

@@ -318,3 +318,26 @@ def test_chat_space_contains_sample_and_batching() -> None:
     assert len(batched) == 3 and all(s == space for s in batched)
     assert concatenate(space, [good, good], None) == (good, good)
     assert create_empty_array(space, 2) == ([], [])
+
+
+@pytest.mark.parametrize(("env_id", "make_kwargs"), [(i, {}) for i in sorted(envs.ENV_IDS)] + [
+    ("zoomgym/ZoomEnvMultiTurn-v0", {"max_turns": 3})])
+def test_episode_spec_is_what_an_episode_can_show(env_id: str, make_kwargs: dict, marker: Sample) -> None:
+    """The turn and image budgets come from Gymnasium's registry (and the make options), nowhere else."""
+    spec = envs.episode_spec(env_id, make_kwargs)
+    env = gym.make(env_id, dataset=[marker], **make_kwargs)
+    assert spec.max_turns == env.unwrapped.max_turns and spec.protocol == env.unwrapped.protocol
+    chat, info = env.reset(seed=0)
+    done = False
+    while not done:  # never answer before the last turn: every reply shows an image (a fallback here)
+        chat, _, terminated, truncated, info = env.step("no box" if info["next_turn"] != "answer" else "\\boxed{B}")
+        done = terminated or truncated
+    shown = [p for m in chat for p in m["content"] if p["type"] == "image"]
+    assert len(shown) == spec.max_images == info["turn"]
+
+
+def test_episode_spec_refuses_other_envs() -> None:
+    with pytest.raises(ValueError, match="entry point"):
+        envs.episode_spec("CartPole-v1")
+    with pytest.raises(gym.error.NameNotFound):
+        envs.episode_spec("zoomgym/ZomEnv-v0")
