@@ -75,7 +75,7 @@ def mgpo_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     resume test continues from step 1 and must reach the same weights).
     """
     import algorithms
-    from algorithms.trainer import build_agent
+    from algorithms.build import build_agent
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path_factory.mktemp("mgpo") / "run", "algorithm.name=mgpo",
                           "trainer.val_every=3", "logging.render_every=3", "logging.render_count=1",

@@ -21,7 +21,7 @@ from algorithms.checkpoint import (
 )
 from algorithms.config import load_config
 from algorithms.logging import read_metrics
-from algorithms.trainer import run
+from algorithms.run import run
 
 
 def test_rng_state_round_trip() -> None:

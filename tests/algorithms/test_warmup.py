@@ -47,7 +47,7 @@ def test_synthetic_fixed_option_order_maps_each_answer_to_one_letter() -> None:
 
 
 def test_scripted_turns_ignore_the_sample(agent) -> None:
-    from algorithms.warmup import ScriptedBackend
+    from agents.backends.scripted import ScriptedBackend
 
     backend = ScriptedBackend(agent.adapter, num_options=4, grid=3, side=0.4)
     view = Image.new("RGB", (224, 224))
@@ -63,7 +63,8 @@ def test_scripted_turns_ignore_the_sample(agent) -> None:
 
 
 def test_scripted_episodes_are_valid_zooms_at_chance_accuracy(agent) -> None:
-    from algorithms.warmup import ScriptedBackend, scripted_episodes
+    from agents.backends.scripted import ScriptedBackend
+    from algorithms.warmup import scripted_episodes
 
     samples = synthetic(64, seed=0, preset="cpu", option_order="fixed", categories=["attribute"], clutter=0)
     backend = ScriptedBackend(agent.adapter)
