@@ -303,7 +303,7 @@ def _trajectory(ep: _Episode, adapter: Any, version: int) -> Trajectory:
     input_ids = torch.tensor(ep.ids, dtype=torch.long)
     grid = torch.tensor(ep.grids, dtype=torch.long).reshape(-1, 3)
     if adapter is not None:
-        adapter.check_placeholders(input_ids, grid)  # pitfall 1: each image's pad run == its grid's tokens
+        adapter.check_placeholders(input_ids, grid)  # each image's pad run == its grid's tokens
     return Trajectory(
         input_ids=input_ids,
         loss_mask=torch.tensor(ep.mask, dtype=torch.long),

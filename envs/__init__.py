@@ -29,11 +29,9 @@ ENV_IDS = {
 DEFAULT_ENV_ID = "zoomgym/ZoomEnv-v0"
 """The MGPO protocol (box, crop, answer): what an agent plays when no env is named."""
 
-ENTRY_POINT = "envs.zoom_env:ZoomEnv"
-
 for _env_id, _kwargs in ENV_IDS.items():
     if _env_id not in registry:  # importing twice (e.g. a reload) must not re-register
-        register(id=_env_id, entry_point=ENTRY_POINT, kwargs=dict(_kwargs))
+        register(id=_env_id, entry_point="envs.zoom_env:ZoomEnv", kwargs=dict(_kwargs))
 
 
 @dataclass(frozen=True)
@@ -44,40 +42,40 @@ class EpisodeSpec:
         env_id: the Gymnasium id.
         protocol: ``"zoom"`` or ``"direct"`` (`envs.zoom_env.ZoomEnv`).
         max_turns: model turns per episode.
+        max_images: images one episode can show (`envs.zoom_env.ZoomEnv.episode_images`).
     """
 
     env_id: str
     protocol: str
     max_turns: int
-
-    @property
-    def max_images(self) -> int:
-        """Images one episode can show: the first view, plus one per env reply (a crop, or the fallback's
-        image shown again), and the env replies after every model turn but the last."""
-        return 1 + (self.max_turns - 1)
+    max_images: int
 
 
 def episode_spec(env_id: str, make_kwargs: Mapping[str, Any] | None = None) -> EpisodeSpec:
     """The `EpisodeSpec` of ``gymnasium.make(env_id, **make_kwargs)``, read from Gymnasium's registry.
 
     Args:
-        env_id: a registered id (an unknown one raises Gymnasium's error, with its suggestion).
+        env_id: a registered id of a `ZoomEnv` or a subclass (an unknown id raises Gymnasium's error,
+            with its suggestion).
         make_kwargs: the keyword arguments the env will be made with (e.g. ``{"max_turns": 3}``); they
             override the registered ones.
 
     Raises:
         ValueError: the id is not a `ZoomEnv`, or its turn budget is not a positive integer.
     """
-    spec = gymnasium.spec(env_id)
-    if spec.entry_point != ENTRY_POINT:
-        raise ValueError(f"Expects an env id whose entry point is {ENTRY_POINT}, actual: {env_id!r} -> {spec.entry_point}")
     import inspect
+
+    from gymnasium.envs.registration import load_env_creator
 
     from envs.zoom_env import ZoomEnv
 
-    defaults = {name: p.default for name, p in inspect.signature(ZoomEnv).parameters.items()}
+    spec = gymnasium.spec(env_id)
+    env_class = load_env_creator(spec.entry_point) if isinstance(spec.entry_point, str) else spec.entry_point
+    if not (inspect.isclass(env_class) and issubclass(env_class, ZoomEnv)):
+        raise ValueError(f"Expects an env id whose entry point is a ZoomEnv, actual: {env_id!r} -> {spec.entry_point}")
+    defaults = {name: p.default for name, p in inspect.signature(env_class).parameters.items()}
     kwargs = {**defaults, **spec.kwargs, **(make_kwargs or {})}
     protocol, max_turns = kwargs["protocol"], kwargs["max_turns"]
     if isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1:
         raise ValueError(f"Expects a positive integer max_turns for {env_id!r}, actual: {max_turns!r}")
-    return EpisodeSpec(env_id, protocol, max_turns)
+    return EpisodeSpec(env_id, protocol, max_turns, env_class.episode_images(max_turns))
