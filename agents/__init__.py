@@ -21,7 +21,6 @@ _EXPORTS: dict[str, str] = {
     "LMMAgent": "agents.lmm",
     "Trajectory": "agents.trajectory",
     "episode_metrics": "agents.metrics",
-    "evaluate": "agents.evaluate",
     "play_episodes": "agents.rollout",
 }
 """Public name -> module that defines it."""

@@ -128,6 +128,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _eval_scripted(args: argparse.Namespace) -> int:
     import agents
+    from agents.evaluate import evaluate
     from envs.data import synthetic
 
     samples = synthetic(args.n, seed=args.seed, preset=args.preset)
@@ -137,8 +138,8 @@ def _eval_scripted(args: argparse.Namespace) -> int:
     results = {}
     for name in args.agent:
         agent = agents.OracleAgent() if name == "oracle" else agents.RandomAgent(seed=args.seed)
-        results[name] = agents.evaluate(agent, samples, args.env, env_kwargs={"view_budget": budget}, seed=args.seed,
-                                        out_dir=Path(args.out) / name, n_render=args.render)
+        results[name] = evaluate(agent, samples, args.env, env_kwargs={"view_budget": budget}, seed=args.seed,
+                                 out_dir=Path(args.out) / name, n_render=args.render)
     print(f"{args.env}, {args.n} synthetic samples (preset {args.preset!r}, seed {args.seed})")
     print(f"{'agent':<8} {'accuracy':>8} {'valid box':>9} {'fallback':>8} {'mean IoU':>8}")
     for name, m in results.items():
