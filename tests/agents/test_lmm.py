@@ -136,3 +136,17 @@ def test_merged_state_dict_merges_lora_adapters(tiny_model_dir, samples):
     # The hf backend shares the training model: a sync only stamps the version.
     agent.sync_weights(3)
     assert agent.backend.weight_version == 3 == agent.weight_version
+
+
+def test_evaluate_plays_the_lmm_agent_token_exact_with_its_own_view(tiny_agent, samples, tmp_path):
+    from agents.evaluate import evaluate
+
+    tiny_agent.sampling = SamplingParams(temperature=0.0, max_new_tokens=6)
+    try:
+        metrics = evaluate(tiny_agent, samples[:2], "zoomgym/ZoomEnv-v0", out_dir=tmp_path, n_render=1,
+                           max_new_tokens=6)
+    finally:
+        tiny_agent.sampling = SamplingParams(temperature=0.0)
+    assert metrics["eval/episodes"] == 2 and metrics["eval/turns"] == 2.0
+    assert 0 < metrics["eval/generated_tokens"] <= 12  # token ids recorded: at most 6 per turn
+    assert "eval/valid_box_ratio" in metrics and len(list(tmp_path.glob("*.png"))) == 1
