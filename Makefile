@@ -16,13 +16,13 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m algorithms.cli demo
+	$(PY) -m zoomgym.algorithms.cli demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check envs agents algorithms tests benchmarks
+	$(VENV)/bin/ruff check zoomgym envs agents algorithms tests benchmarks
 
 bench: $(STAMP)
 	$(PY) benchmarks/env_steps.py

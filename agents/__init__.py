@@ -1,9 +1,9 @@
 """zoomgym agents: who acts in the env.
 
-Names are resolved lazily (PEP 562), so ``import agents`` stays light: the scripted agents need
+Names are resolved lazily (PEP 562), so ``from zoomgym import agents`` stays light: the scripted agents need
 no torch, and heavy agents import their dependencies only when first used.
 
->>> import agents
+>>> from zoomgym import agents
 >>> agents.OracleAgent.__name__
 'OracleAgent'
 """
@@ -13,15 +13,15 @@ from __future__ import annotations
 from zoomgym.registry import lazy_exports
 
 _EXPORTS: dict[str, str] = {
-    "Agent": "agents.base",
-    "split_infos": "agents.base",
-    "OracleAgent": "agents.scripted",
-    "RandomAgent": "agents.scripted",
-    "ReplayAgent": "agents.scripted",
-    "LMMAgent": "agents.lmm",
-    "Trajectory": "agents.trajectory",
-    "episode_metrics": "agents.metrics",
-    "play_episodes": "agents.rollout",
+    "Agent": "zoomgym.agents.base",
+    "split_infos": "zoomgym.agents.base",
+    "OracleAgent": "zoomgym.agents.scripted",
+    "RandomAgent": "zoomgym.agents.scripted",
+    "ReplayAgent": "zoomgym.agents.scripted",
+    "LMMAgent": "zoomgym.agents.lmm",
+    "Trajectory": "zoomgym.agents.trajectory",
+    "episode_metrics": "zoomgym.agents.metrics",
+    "play_episodes": "zoomgym.agents.rollout",
 }
 """Public name -> module that defines it."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from envs.spaces import Chat
+from zoomgym.envs.spaces import Chat
 
 
 @runtime_checkable

@@ -4,7 +4,7 @@ A scripted agent (`agents.scripted`, any `agents.base.Agent`) plays through `pla
 `LMMAgent` through its token-exact rollouts with greedy decoding; both give `Trajectory` lists, so the
 metrics are the training validation's, key for key.
 
->>> from agents import OracleAgent                                                      # doctest: +SKIP
+>>> from zoomgym.agents import OracleAgent                                                      # doctest: +SKIP
 >>> metrics = evaluate(OracleAgent(), synthetic(8, preset="cpu"), "zoomgym/ZoomEnv-v0",  # doctest: +SKIP
 ...                    env_kwargs={"view_budget": budget}, out_dir="runs/oracle", n_render=2)
 """
@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-
-from agents.metrics import episode_metrics
-from agents.rollout import EnvSpec, env_factory, play_episodes
-from agents.trajectory import Trajectory
+from zoomgym.agents.metrics import episode_metrics
+from zoomgym.agents.rollout import EnvSpec, env_factory, play_episodes
+from zoomgym.agents.trajectory import Trajectory
 
 METRICS_FILE = "metrics.json"
 
@@ -47,7 +46,7 @@ def play_greedy(
         max_new_tokens: an LMM's per-turn cap (None: its sampling default).
     """
     if _is_lmm(agent):
-        from agents.backends.base import SamplingParams
+        from zoomgym.agents.backends.base import SamplingParams
 
         cap = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
         return agent.rollout(samples, 1, env, SamplingParams(temperature=0.0, seed=seed, **cap),
@@ -115,6 +114,6 @@ def evaluate(
 
 
 def _is_lmm(agent: Any) -> bool:
-    from agents.lmm import LMMAgent
+    from zoomgym.agents.lmm import LMMAgent
 
     return isinstance(agent, LMMAgent)

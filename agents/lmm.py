@@ -21,15 +21,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-
-from agents.backends import BACKENDS
-from agents.backends.base import Backend, GenerationRequest, SamplingParams, decode_text
-from agents.rollout import EnvSpec, run_rollouts
-from agents.scoring import token_logprobs
-from agents.trajectory import Trajectory, collate
-from agents.weights import merged_state_dict
-from envs import DEFAULT_ENV_ID, episode_spec
-from envs.spaces import message_images
+from zoomgym.agents.backends import BACKENDS
+from zoomgym.agents.backends.base import Backend, GenerationRequest, SamplingParams, decode_text
+from zoomgym.agents.rollout import EnvSpec, run_rollouts
+from zoomgym.agents.scoring import token_logprobs
+from zoomgym.agents.trajectory import Trajectory, collate
+from zoomgym.agents.weights import merged_state_dict
+from zoomgym.envs import DEFAULT_ENV_ID, episode_spec
+from zoomgym.envs.spaces import message_images
 
 GREEDY = SamplingParams(temperature=0.0)
 """Default sampling of `LMMAgent.act`: greedy decoding (the evaluation protocol)."""
@@ -59,7 +58,7 @@ class LMMAgent:
         self.adapter = adapter
         self._view_budget = adapter.view_budget()
         if backend is None:
-            from agents.backends.hf import HFBackend
+            from zoomgym.agents.backends.hf import HFBackend
 
             backend = HFBackend(model, adapter)
         self.backend = backend
@@ -103,8 +102,7 @@ class LMMAgent:
                 ``gpu_memory_utilization=0.6`` for vLLM.
         """
         from transformers import AutoModelForImageTextToText
-
-        from agents.models import adapter_for, load_processor
+        from zoomgym.agents.models import adapter_for, load_processor
 
         engine_cls = BACKENDS.lookup(backend)  # an unknown name fails before anything loads
         path = str(path_or_id)

@@ -23,8 +23,7 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
-
-from agents.trajectory import Trajectory
+from zoomgym.agents.trajectory import Trajectory
 
 UNCATEGORISED = "none"
 """The category key of samples without a category (``accuracy/none``)."""

@@ -37,11 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-
-from agents.backends.base import Backend, Generation, GenerationRequest, SamplingParams, decode_text
-from agents.trajectory import Trajectory
-from envs import DEFAULT_ENV_ID
-from envs.spaces import message_images, message_views
+from zoomgym.agents.backends.base import Backend, Generation, GenerationRequest, SamplingParams, decode_text
+from zoomgym.agents.trajectory import Trajectory
+from zoomgym.envs import DEFAULT_ENV_ID
+from zoomgym.envs.spaces import message_images, message_views
 
 EnvSpec = str | Callable[[Any], Any]
 """A registered env id (built with ``gymnasium.make(id, dataset=[sample], view_budget=..., coord_frame=...)``)
@@ -261,7 +260,7 @@ def env_factory(
         raise TypeError(f"Expects an env id, actual: {env_id!r}")
     import gymnasium
 
-    import envs  # noqa: F401  (registers the zoomgym ids)
+    from zoomgym import envs  # noqa: F401  (registers the zoomgym ids)
 
     agent_view = {"view_budget": view_budget, "coord_frame": coord_frame}
     options = {**{k: v for k, v in agent_view.items() if v is not None}, **(env_kwargs or {})}

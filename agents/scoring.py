@@ -14,9 +14,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-
-from agents.backends.base import placeholder_ids
-from agents.trajectory import MODEL_INPUTS
+from zoomgym.agents.backends.base import placeholder_ids
+from zoomgym.agents.trajectory import MODEL_INPUTS
 
 
 def scaled_logits(logits: torch.Tensor, temperature: float, banned: Sequence[int] = ()) -> torch.Tensor:

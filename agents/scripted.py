@@ -12,11 +12,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
-from envs.data.sample import LETTERS, Sample
-from envs.geometry import Box, Coords, clamp_box, get_frame, grow_box
-from envs.spaces import Chat, count_crops, last_view
-from envs.views import ViewInfo
+from zoomgym.envs.data.sample import LETTERS, Sample
+from zoomgym.envs.geometry import Box, Coords, clamp_box, get_frame, grow_box
+from zoomgym.envs.spaces import Chat, count_crops, last_view
+from zoomgym.envs.views import ViewInfo
 
 
 def view_factor(view: ViewInfo) -> float:

@@ -3,14 +3,14 @@
 ``algorithms.make(name, **kwargs)`` builds a registered algorithm; ``algorithms.register(name)`` adds
 one. The built-ins are imported lazily (importing ``algorithms`` stays light: no torch):
 
-    >>> import algorithms
+    >>> from zoomgym import algorithms
     >>> sorted(algorithms.ALGORITHMS)
     ['grpo', 'mgpo']
 
 Register your own by subclassing a built-in and overriding one hook (see ``algorithms/grpo.py``)::
 
-    import algorithms
-    from algorithms.grpo import GRPO
+    from zoomgym import algorithms
+    from zoomgym.algorithms.grpo import GRPO
 
     @algorithms.register("grpo_pos_only")
     class PositiveOnlyGRPO(GRPO):
@@ -33,8 +33,8 @@ __all__ = ["ALGORITHMS", "get", "make", "register"]
 
 ALGORITHMS: Registry[type] = Registry("algorithm")
 """Algorithm name -> class (``"module:Class"`` for the built-ins, so importing this package imports no torch)."""
-ALGORITHMS.register("grpo", "algorithms.grpo:GRPO")
-ALGORITHMS.register("mgpo", "algorithms.mgpo:MGPO")
+ALGORITHMS.register("grpo", "zoomgym.algorithms.grpo:GRPO")
+ALGORITHMS.register("mgpo", "zoomgym.algorithms.mgpo:MGPO")
 
 
 def register(name: str) -> Any:

@@ -18,18 +18,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-
-from algorithms.config import Config, DatasetConfig
+from zoomgym.algorithms.config import Config, DatasetConfig
 
 if TYPE_CHECKING:
-    from agents.backends.base import SamplingParams
-    from agents.lmm import LMMAgent
-    from envs.data import Sample
+    from zoomgym.agents.backends.base import SamplingParams
+    from zoomgym.agents.lmm import LMMAgent
+    from zoomgym.envs.data import Sample
 
 
 def env_id_of(cfg: Config) -> str:
     """The env episodes run in: ``env.id``, else the configured algorithm's own (``default_env_id``)."""
-    import algorithms
+    from zoomgym import algorithms
 
     return cfg.env.id or algorithms.get(cfg.algorithm.name).default_env_id
 
@@ -45,7 +44,7 @@ def env_kwargs(cfg: Config) -> dict[str, Any]:
 def env_factory(cfg: Config, env_id: str, agent: Any, render: bool = False) -> Callable[[Sample], Any]:
     """``sample -> env`` of `env_id` with the config's options and the agent's view budget and frame:
     what the rollout engine builds each episode with."""
-    from agents.rollout import env_factory as make_factory
+    from zoomgym.agents.rollout import env_factory as make_factory
 
     return make_factory(env_id, env_kwargs(cfg), view_budget=agent.view_budget, coord_frame=agent.coord_frame,
                         render=render)
@@ -53,7 +52,7 @@ def env_factory(cfg: Config, env_id: str, agent: Any, render: bool = False) -> C
 
 def load_samples(spec: DatasetConfig) -> list[Sample]:
     """``envs.data.load_dataset`` for a config entry (``path`` passed as the loader's path or root)."""
-    from envs.data import DATASETS, load_dataset
+    from zoomgym.envs.data import DATASETS, load_dataset
 
     kwargs = dict(spec.options)
     if spec.path is not None:
@@ -77,7 +76,7 @@ def load_val_sets(specs: Sequence[DatasetConfig]) -> dict[str, list[Sample]]:
 
 def sampling_params(cfg: Config, *, greedy: bool, seed: int) -> SamplingParams:
     """The backend's ``SamplingParams``: the config's temperature/top-p, or greedy (evaluation)."""
-    from agents.backends.base import SamplingParams
+    from zoomgym.agents.backends.base import SamplingParams
 
     r = cfg.rollout
     return SamplingParams(
@@ -108,12 +107,12 @@ def build_agent(cfg: Config) -> LMMAgent:
     The backend (``rollout.backend``) gets the model's dtype, the env's image budget per episode
     (`envs.episode_spec`), the context budget, the run's seed and its own config section.
     """
-    from agents.lmm import LMMAgent
-    from envs import episode_spec
+    from zoomgym.agents.lmm import LMMAgent
+    from zoomgym.envs import episode_spec
 
     path = Path(cfg.model.path).expanduser()
     if cfg.model.build_tiny is not None and not path.exists():
-        from agents.models import build_tiny_model
+        from zoomgym.agents.models import build_tiny_model
 
         print(f"building the offline tiny model ({cfg.model.build_tiny}) in {path} ...")
         build_tiny_model(path, size=cfg.model.build_tiny, seed=cfg.trainer.seed)

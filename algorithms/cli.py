@@ -22,8 +22,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from algorithms.config import RUN_CONFIG_FILE, Config, check_run_dir, describe, load_config, validate
-from envs import DEFAULT_ENV_ID
+from zoomgym.algorithms.config import RUN_CONFIG_FILE, Config, check_run_dir, describe, load_config, validate
+from zoomgym.envs import DEFAULT_ENV_ID
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
@@ -68,7 +68,7 @@ def _train(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as err:
         print(f"zoomgym: error: {err}", file=sys.stderr)
         return 2
-    from algorithms.run import run
+    from zoomgym.algorithms.run import run
 
     algo = run(cfg, resume=args.resume is not None)
     _print_summary(algo)
@@ -94,7 +94,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _tiny_model(argv: Sequence[str]) -> int:
-    from agents.models import tiny_model_main
+    from zoomgym.agents.models import tiny_model_main
 
     return tiny_model_main(list(argv))
 
@@ -116,8 +116,8 @@ def _eval(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as err:
         print(f"zoomgym: error: {err}", file=sys.stderr)
         return 2
-    from algorithms.build import env_id_of
-    from algorithms.run import evaluate_model
+    from zoomgym.algorithms.build import env_id_of
+    from zoomgym.algorithms.run import evaluate_model
 
     metrics = evaluate_model(cfg)
     print(f"{cfg.model.path}: greedy, {env_id_of(cfg)}")
@@ -127,9 +127,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _eval_scripted(args: argparse.Namespace) -> int:
-    import agents
-    from agents.evaluate import evaluate
-    from envs.data import synthetic
+    from zoomgym.agents.evaluate import evaluate
+    from zoomgym.envs.data import synthetic
+
+    from zoomgym import agents
 
     samples = synthetic(args.n, seed=args.seed, preset=args.preset)
     meta = samples[0].meta

@@ -619,7 +619,7 @@ def validate(cfg: Config) -> None:
 def _validate_lora(cfg: Config) -> None:
     if not cfg.model.lora.enabled:
         return
-    from agents.backends import BACKENDS
+    from zoomgym.agents.backends import BACKENDS
 
     if not BACKENDS.lookup(cfg.rollout.backend).shares_model:
         raise ValueError(
@@ -636,9 +636,10 @@ def _validate_lora(cfg: Config) -> None:
 
 
 def _validate_names(cfg: Config) -> None:
-    import algorithms
-    from agents.backends import BACKENDS
-    from algorithms import core
+    from zoomgym.agents.backends import BACKENDS
+    from zoomgym.algorithms import core
+
+    from zoomgym import algorithms
 
     a = cfg.algorithm
     _check_name("algorithm.name", a.name, algorithms.ALGORITHMS)
@@ -650,7 +651,7 @@ def _validate_names(cfg: Config) -> None:
     if cfg.env.id is not None:
         import gymnasium
 
-        import envs  # noqa: F401 - registers the zoomgym ids
+        from zoomgym import envs  # noqa: F401 - registers the zoomgym ids
 
         if cfg.env.id not in gymnasium.registry:
             ids = sorted(k for k in gymnasium.registry if k.startswith("zoomgym/"))
@@ -667,7 +668,7 @@ def _check_name(key: str, value: str, registry: Mapping[str, Any]) -> None:
 
 
 def _validate_model_path(model: ModelConfig) -> None:
-    from agents.models.tiny import TINY_SIZES
+    from zoomgym.agents.models.tiny import TINY_SIZES
 
     if model.build_tiny is not None and model.build_tiny not in TINY_SIZES:
         raise ValueError(
@@ -691,7 +692,7 @@ def _validate_model_path(model: ModelConfig) -> None:
 
 
 def _validate_datasets(data: DataConfig) -> None:
-    from envs.data import DATASETS
+    from zoomgym.envs.data import DATASETS
 
     specs = [("data.train", data.train)] + [(f"data.val[{i}]", d) for i, d in enumerate(data.val)]
     for key, spec in specs:

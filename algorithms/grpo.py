@@ -32,16 +32,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-
-from algorithms import core, ppo
-from algorithms.build import sampling_params
-from algorithms.config import Config
-from algorithms.seeds import derive_seed
-from algorithms.trainer import Trainer
+from zoomgym.algorithms import core, ppo
+from zoomgym.algorithms.build import sampling_params
+from zoomgym.algorithms.config import Config
+from zoomgym.algorithms.seeds import derive_seed
+from zoomgym.algorithms.trainer import Trainer
 
 if TYPE_CHECKING:
-    from agents.trajectory import Trajectory
-    from envs.data import Sample
+    from zoomgym.agents.trajectory import Trajectory
+    from zoomgym.envs.data import Sample
 
 
 def last_turn_mask(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -120,7 +119,7 @@ class GRPO(Trainer):
 
     def train_step(self) -> tuple[dict[str, float], list[Trajectory]]:
         """Collect, score and update once (see the module docstring); returns (metrics, trajectories)."""
-        from agents.metrics import episode_metrics
+        from zoomgym.agents.metrics import episode_metrics
 
         a = self.cfg.algorithm
         start = time.perf_counter()

@@ -19,11 +19,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-
-from algorithms.grpo import GRPO
+from zoomgym.algorithms.grpo import GRPO
 
 if TYPE_CHECKING:
-    from agents.trajectory import Trajectory
+    from zoomgym.agents.trajectory import Trajectory
 
 
 class MGPO(GRPO):

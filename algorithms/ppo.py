@@ -31,12 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-
-from algorithms import core
+from zoomgym.algorithms import core
 
 if TYPE_CHECKING:
-    from agents.trajectory import Trajectory
-    from algorithms.config import Config
+    from zoomgym.agents.trajectory import Trajectory
+    from zoomgym.algorithms.config import Config
 
 Score = Callable[[Sequence["Trajectory"]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 """``score(trajectories) -> (logp, entropy, sampler_logp)``, each ``(n, L)``: the policy's log-probs and

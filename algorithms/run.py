@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from algorithms.build import build_agent, env_factory, env_id_of, load_samples, load_val_sets
-from algorithms.checkpoint import latest_checkpoint
-from algorithms.config import Config, check_run_dir
-from algorithms.config import validate as validate_config
-from algorithms.seeds import WARMUP_STREAM, derive_seed, seed_everything
-from algorithms.trainer import validation_seed
+from zoomgym.algorithms.build import build_agent, env_factory, env_id_of, load_samples, load_val_sets
+from zoomgym.algorithms.checkpoint import latest_checkpoint
+from zoomgym.algorithms.config import Config, check_run_dir
+from zoomgym.algorithms.config import validate as validate_config
+from zoomgym.algorithms.seeds import WARMUP_STREAM, derive_seed, seed_everything
+from zoomgym.algorithms.trainer import validation_seed
 
 
 def run(cfg: Config, resume: bool = False) -> Any:
@@ -26,7 +26,7 @@ def run(cfg: Config, resume: bool = False) -> Any:
     Returns:
         The trained algorithm (``algo.run_dir``, ``algo.last_validation``, ...).
     """
-    import algorithms
+    from zoomgym import algorithms
 
     validate_config(cfg)
     check_run_dir(cfg, resume)
@@ -40,7 +40,7 @@ def run(cfg: Config, resume: bool = False) -> Any:
     warmup_stats: dict[str, float] = {}
     if cfg.warmup.enabled and checkpoint is None:
         # Before the algorithm is built, so the KL reference is the warmed-up policy, not the random one.
-        from algorithms.warmup import format_warmup
+        from zoomgym.algorithms.warmup import format_warmup
 
         warmup_stats = format_warmup(agent, load_samples(cfg.data.train), env_factory(cfg, env_id_of(cfg), agent),
                                      cfg.warmup, seed=derive_seed(cfg.trainer.seed, WARMUP_STREAM))
@@ -68,9 +68,8 @@ def evaluate_model(cfg: Config) -> dict[str, float]:
         ``val/<set>/...`` metrics (`agents.metrics`).
     """
     import torch
-
-    from agents.evaluate import play_greedy
-    from agents.metrics import episode_metrics
+    from zoomgym.agents.evaluate import play_greedy
+    from zoomgym.agents.metrics import episode_metrics
 
     validate_config(cfg)
     agent = build_agent(cfg)

@@ -30,17 +30,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
-
-from algorithms.build import env_factory, load_samples, load_val_sets, sampling_params
-from algorithms.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
-from algorithms.config import RUN_CONFIG_FILE, Config, LoraConfig, ModelConfig, save_config
-from algorithms.logging import RunLogger
-from algorithms.seeds import VALIDATION_STREAM, derive_seed, seed_everything
-from envs import DEFAULT_ENV_ID
+from zoomgym.algorithms.build import env_factory, load_samples, load_val_sets, sampling_params
+from zoomgym.algorithms.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from zoomgym.algorithms.config import RUN_CONFIG_FILE, Config, LoraConfig, ModelConfig, save_config
+from zoomgym.algorithms.logging import RunLogger
+from zoomgym.algorithms.seeds import VALIDATION_STREAM, derive_seed, seed_everything
+from zoomgym.envs import DEFAULT_ENV_ID
 
 if TYPE_CHECKING:
-    from agents.trajectory import Trajectory
-    from envs.data import Sample
+    from zoomgym.agents.trajectory import Trajectory
+    from zoomgym.envs.data import Sample
 
 SelfTrainer = TypeVar("SelfTrainer", bound="Trainer")
 
@@ -233,7 +232,7 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """Greedy episodes on every validation set; logs ``val/<set>/...`` at the current step."""
-        from agents.metrics import episode_metrics
+        from zoomgym.agents.metrics import episode_metrics
 
         metrics: dict[str, float] = {}
         start = time.perf_counter()
@@ -250,7 +249,7 @@ class Trainer:
 
     def render(self, trajectories: Sequence[Trajectory]) -> None:
         """Replay episodes in fresh envs (their action texts are exact) and log ``env.render()`` images."""
-        from agents.evaluate import render_episode
+        from zoomgym.agents.evaluate import render_episode
 
         by_id = {sample.id: sample for sample in self.train_samples}
         images = [render_episode(traj, by_id[traj.sample_id], lambda s: self.env_fn(s, render=True))

@@ -21,7 +21,7 @@ Loss (one optimizer step per warm-up step, AdamW, grad-norm clip)::
 over the scripted tokens of both turns (the env's tokens and the images are masked, exactly as in RL).
 
 Example:
-    >>> from algorithms.warmup import format_warmup                       # doctest: +SKIP
+    >>> from zoomgym.algorithms.warmup import format_warmup                       # doctest: +SKIP
     >>> stats = format_warmup(agent, samples, env_fn, WarmupConfig(enabled=True, steps=30))  # doctest: +SKIP
 """
 
@@ -33,14 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-
-from agents.backends.base import SamplingParams
-from agents.backends.scripted import ScriptedBackend
-from agents.rollout import run_rollouts
+from zoomgym.agents.backends.base import SamplingParams
+from zoomgym.agents.backends.scripted import ScriptedBackend
+from zoomgym.agents.rollout import run_rollouts
 
 if TYPE_CHECKING:
-    from agents.trajectory import Trajectory
-    from algorithms.config import WarmupConfig
+    from zoomgym.agents.trajectory import Trajectory
+    from zoomgym.algorithms.config import WarmupConfig
 
 
 def scripted_episodes(agent: Any, samples: Sequence[Any], env_fn: Callable[[Any], Any], seed: int,

@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-
-from agents.backends.base import SamplingParams
-from agents.lmm import LMMAgent
-from agents.models import build_tiny_model
-from agents.rollout import run_rollouts
-from envs.data import synthetic
+from zoomgym.agents.backends.base import SamplingParams
+from zoomgym.agents.lmm import LMMAgent
+from zoomgym.agents.models import build_tiny_model
+from zoomgym.agents.rollout import run_rollouts
+from zoomgym.envs.data import synthetic
 
 
 def measure(agent: LMMAgent, samples: list, group_size: int, sampling: SamplingParams, batched: bool) -> tuple:

@@ -1,7 +1,7 @@
 """zoomgym environments, registered with Gymnasium when this package is imported.
 
 >>> import gymnasium as gym
->>> import envs
+>>> from zoomgym import envs
 >>> sorted(env_id for env_id in gym.registry if env_id.startswith("zoomgym/"))
 ['zoomgym/DirectVQA-v0', 'zoomgym/ZoomEnv-v0', 'zoomgym/ZoomEnvMultiTurn-v0']
 >>> envs.episode_spec("zoomgym/ZoomEnvMultiTurn-v0").max_images, envs.episode_spec("zoomgym/ZoomEnv-v0").max_images
@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import gymnasium
+import zoomgym.envs.spaces  # noqa: F401  (registers ChatSpace batching for gymnasium.make_vec)
 from gymnasium.envs.registration import register, registry
-
-import envs.spaces  # noqa: F401  (registers ChatSpace batching for gymnasium.make_vec)
 
 ENV_IDS = {
     "zoomgym/ZoomEnv-v0": {"protocol": "zoom", "max_turns": 2},
@@ -31,7 +30,7 @@ DEFAULT_ENV_ID = "zoomgym/ZoomEnv-v0"
 
 for _env_id, _kwargs in ENV_IDS.items():
     if _env_id not in registry:  # importing twice (e.g. a reload) must not re-register
-        register(id=_env_id, entry_point="envs.zoom_env:ZoomEnv", kwargs=dict(_kwargs))
+        register(id=_env_id, entry_point="zoomgym.envs.zoom_env:ZoomEnv", kwargs=dict(_kwargs))
 
 
 @dataclass(frozen=True)
@@ -66,8 +65,7 @@ def episode_spec(env_id: str, make_kwargs: Mapping[str, Any] | None = None) -> E
     import inspect
 
     from gymnasium.envs.registration import load_env_creator
-
-    from envs.zoom_env import ZoomEnv
+    from zoomgym.envs.zoom_env import ZoomEnv
 
     spec = gymnasium.spec(env_id)
     env_class = load_env_creator(spec.entry_point) if isinstance(spec.entry_point, str) else spec.entry_point

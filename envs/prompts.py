@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from envs.data.sample import LETTERS
-from envs.geometry import FRAMES, Size
+from zoomgym.envs.data.sample import LETTERS
+from zoomgym.envs.geometry import FRAMES, Size
 
 
 def default_frame_rules() -> dict[str, str]:

@@ -6,9 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from envs.geometry import Box
-from envs.views import ViewInfo
+from zoomgym.envs.geometry import Box
+from zoomgym.envs.views import ViewInfo
 
 VALID_COLOUR = (0, 200, 0)
 INVALID_COLOUR = (230, 0, 0)

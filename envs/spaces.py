@@ -21,9 +21,8 @@ import numpy as np
 from gymnasium.spaces import Space, Tuple
 from gymnasium.vector.utils import batch_space, concatenate, create_empty_array
 from PIL import Image
-
-from envs.geometry import Box
-from envs.views import ViewBudget, ViewInfo
+from zoomgym.envs.geometry import Box
+from zoomgym.envs.views import ViewBudget, ViewInfo
 
 Part = dict[str, Any]
 Message = dict[str, Any]

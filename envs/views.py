@@ -13,8 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from PIL import Image
-
-from envs.geometry import Box, Size, original_to_region, region_to_original
+from zoomgym.envs.geometry import Box, Size, original_to_region, region_to_original
 
 RESAMPLING: dict[str, Image.Resampling] = {
     "bicubic": Image.Resampling.BICUBIC,

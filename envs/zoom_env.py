@@ -10,15 +10,14 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium.spaces import Text
-
-from envs.actions import BoxReading, BoxRules, extract_boxed, read_box
-from envs.data import Sample, image_size, load_image, load_view_source
-from envs.geometry import Box, clamp_box, get_frame
-from envs.prompts import PromptTemplates
-from envs.render import render_episode
-from envs.rewards import answer_reward, match_answer
-from envs.spaces import Chat, ChatSpace, Message, Part
-from envs.views import RESAMPLING, ViewBudget, ViewInfo, make_view
+from zoomgym.envs.actions import BoxReading, BoxRules, extract_boxed, read_box
+from zoomgym.envs.data import Sample, image_size, load_image, load_view_source
+from zoomgym.envs.geometry import Box, clamp_box, get_frame
+from zoomgym.envs.prompts import PromptTemplates
+from zoomgym.envs.render import render_episode
+from zoomgym.envs.rewards import answer_reward, match_answer
+from zoomgym.envs.spaces import Chat, ChatSpace, Message, Part
+from zoomgym.envs.views import RESAMPLING, ViewBudget, ViewInfo, make_view
 
 PROTOCOLS = ("zoom", "direct")
 DEFAULT_DATASET_SIZE = 8
@@ -125,8 +124,8 @@ class ZoomEnv(gym.Env[Chat, str]):
 
     ## Example
     >>> import gymnasium as gym
-    >>> import envs
-    >>> from envs.data.sample import Sample
+    >>> from zoomgym import envs
+    >>> from zoomgym.envs.data.sample import Sample
     >>> from PIL import Image
     >>> sample = Sample("s0", Image.new("RGB", (2800, 1400), "white"), "What colour is the dot?",
     ...                 ("red", "blue"), "A", boxes=(Box(2100, 950, 2120, 970),))
@@ -429,6 +428,6 @@ def _as(value: Any, cls: type, name: str) -> Any:
 @functools.lru_cache(maxsize=1)
 def _default_dataset() -> tuple[Sample, ...]:
     """Eight synthetic questions made for the default view budget; generated once per process."""
-    from envs.data import synthetic
+    from zoomgym.envs.data import synthetic
 
     return tuple(synthetic(DEFAULT_DATASET_SIZE, seed=0))

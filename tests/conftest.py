@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-
-from envs.data import Sample, synthetic
-from envs.geometry import Box
+from zoomgym.envs.data import Sample, synthetic
+from zoomgym.envs.geometry import Box
 
 CPU_PRESET = "cpu"
 MARKER_BOX = Box(1200, 300, 1240, 340)

@@ -51,12 +51,12 @@ def test_registry_resolves_lazy_entries_on_first_lookup():
 
 
 def test_lazy_exports_import_on_first_use():
-    code = ("import sys, agents, agents.models; assert 'torch' not in sys.modules; "
+    code = ("import sys; from zoomgym import agents; import zoomgym.agents.models; assert 'torch' not in sys.modules; "
             "agents.OracleAgent; agents.models.TINY_SIZES; assert 'torch' not in sys.modules; "
             "assert 'LMMAgent' in dir(agents); print(agents.models.adapter_for.__module__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "agents.models.qwen"
-    import agents
+    assert out.stdout.strip() == "zoomgym.agents.models.qwen"
+    from zoomgym import agents
 
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         agents.Nope  # noqa: B018

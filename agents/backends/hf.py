@@ -25,8 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-
-from agents.backends.base import (
+from zoomgym.agents.backends.base import (
     Generation,
     GenerationRequest,
     SamplingParams,
@@ -35,7 +34,7 @@ from agents.backends.base import (
     has_stop_strings,
     placeholder_ids,
 )
-from agents.scoring import next_token_logprobs
+from zoomgym.agents.scoring import next_token_logprobs
 
 
 def sample_next(

@@ -6,11 +6,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
-from agents.backends.base import Generation, GenerationRequest, SamplingParams
-from agents.scripted import answer_text, format_box
-from envs.data.sample import LETTERS
-from envs.geometry import Box
+from zoomgym.agents.backends.base import Generation, GenerationRequest, SamplingParams
+from zoomgym.agents.scripted import answer_text, format_box
+from zoomgym.envs.data.sample import LETTERS
+from zoomgym.envs.geometry import Box
 
 
 class ScriptedBackend:

@@ -45,7 +45,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from agents.backends.base import (
+from zoomgym.agents.backends.base import (
     Generation,
     GenerationRequest,
     SamplingParams,

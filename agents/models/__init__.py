@@ -9,7 +9,7 @@
 - ``train_tiny_tokenizer()`` / ``load_qwen25_tokenizer()``: Qwen-layout tokenizers built offline
   (``agents.models.tokenizer``).
 
-Names are imported lazily so ``import agents.models`` does not import torch or transformers.
+Names are imported lazily so ``import zoomgym.agents.models`` does not import torch or transformers.
 """
 
 from __future__ import annotations
@@ -17,19 +17,19 @@ from __future__ import annotations
 from zoomgym.registry import lazy_exports
 
 _EXPORTS = {
-    "ADAPTERS": "agents.models.qwen",
-    "QwenVLAdapter": "agents.models.qwen",
-    "adapter_for": "agents.models.qwen",
-    "PROCESSORS": "agents.models.processor",
-    "Qwen2_5_VLImageOnlyProcessor": "agents.models.processor",
-    "Qwen2VLImageOnlyProcessor": "agents.models.processor",
-    "load_processor": "agents.models.processor",
-    "TINY_SIZES": "agents.models.tiny",
-    "build_tiny_model": "agents.models.tiny",
-    "tiny_model_main": "agents.models.tiny",
-    "QWEN_VL_CHAT_TEMPLATE": "agents.models.tokenizer",
-    "load_qwen25_tokenizer": "agents.models.tokenizer",
-    "train_tiny_tokenizer": "agents.models.tokenizer",
+    "ADAPTERS": "zoomgym.agents.models.qwen",
+    "QwenVLAdapter": "zoomgym.agents.models.qwen",
+    "adapter_for": "zoomgym.agents.models.qwen",
+    "PROCESSORS": "zoomgym.agents.models.processor",
+    "Qwen2_5_VLImageOnlyProcessor": "zoomgym.agents.models.processor",
+    "Qwen2VLImageOnlyProcessor": "zoomgym.agents.models.processor",
+    "load_processor": "zoomgym.agents.models.processor",
+    "TINY_SIZES": "zoomgym.agents.models.tiny",
+    "build_tiny_model": "zoomgym.agents.models.tiny",
+    "tiny_model_main": "zoomgym.agents.models.tiny",
+    "QWEN_VL_CHAT_TEMPLATE": "zoomgym.agents.models.tokenizer",
+    "load_qwen25_tokenizer": "zoomgym.agents.models.tokenizer",
+    "train_tiny_tokenizer": "zoomgym.agents.models.tokenizer",
 }
 
 __all__ = sorted(_EXPORTS)

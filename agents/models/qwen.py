@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
     from PIL import Image
-
-    from envs.views import ViewBudget
+    from zoomgym.envs.views import ViewBudget
 
 Message = Mapping[str, Any]
 """One chat message: ``{"role": str, "content": str | [{"type": "text", "text": str} | {"type": "image",
@@ -101,7 +100,7 @@ class QwenVLAdapter:
 
     def view_budget(self) -> ViewBudget:
         """The processor's budget as the env's ``ViewBudget``: one setting shared by agent and env."""
-        from envs.views import ViewBudget
+        from zoomgym.envs.views import ViewBudget
 
         return ViewBudget(min_pixels=self.min_pixels, max_pixels=self.max_pixels, patch_size=self.patch_size,
                           merge_size=self.merge_size)

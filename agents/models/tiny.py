@@ -160,9 +160,8 @@ def build_tiny_model(
         Qwen2VLForConditionalGeneration,
         Qwen2VLImageProcessorPil,
     )
-
-    from agents.models.processor import PROCESSORS
-    from agents.models.tokenizer import QWEN_VL_CHAT_TEMPLATE, train_tiny_tokenizer
+    from zoomgym.agents.models.processor import PROCESSORS
+    from zoomgym.agents.models.tokenizer import QWEN_VL_CHAT_TEMPLATE, train_tiny_tokenizer
 
     if size not in TINY_SIZES:
         raise ValueError(f"Expects size in {sorted(TINY_SIZES)}, actual: {size!r}")

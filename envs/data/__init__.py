@@ -5,7 +5,7 @@ synthetic benchmark, `envs.data.images` for decoding and caching and `envs.data.
 an `ImageRef` (an image stored in a cell of a parquet/TSV/jsonl file, read on demand).
 """
 
-from envs.data.images import (
+from zoomgym.envs.data.images import (
     MAX_IMAGE_PIXELS,
     CacheInfo,
     ImageLoadError,
@@ -17,7 +17,7 @@ from envs.data.images import (
     load_view_source,
     set_image_cache_capacity,
 )
-from envs.data.loaders import (
+from zoomgym.envs.data.loaders import (
     DATASETS,
     load_dataset,
     load_hrbench,
@@ -25,8 +25,8 @@ from envs.data.loaders import (
     load_mme_realworld,
     load_vstar,
 )
-from envs.data.sample import LETTERS, ImageRef, ImageSource, Sample
-from envs.data.synthetic import SYNTHETIC_PRESETS, synthetic
+from zoomgym.envs.data.sample import LETTERS, ImageRef, ImageSource, Sample
+from zoomgym.envs.data.synthetic import SYNTHETIC_PRESETS, synthetic
 
 __all__ = [
     "DATASETS",

@@ -52,9 +52,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import ExifTags, Image
-
-from envs.data.sample import ImageRef, Sample
-from envs.data.tables import read_image_ref
+from zoomgym.envs.data.sample import ImageRef, Sample
+from zoomgym.envs.data.tables import read_image_ref
 
 MAX_IMAGE_PIXELS = 16384 * 16384
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS

@@ -44,10 +44,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from envs.data.sample import LETTERS, ImageRef, Sample
-from envs.data.synthetic import synthetic
-from envs.data.tables import LARGE_ROW_GROUP_BYTES, decode_image_field
-from envs.geometry import Box
+from zoomgym.envs.data.sample import LETTERS, ImageRef, Sample
+from zoomgym.envs.data.synthetic import synthetic
+from zoomgym.envs.data.tables import LARGE_ROW_GROUP_BYTES, decode_image_field
+from zoomgym.envs.geometry import Box
 
 _OPTION_LINE = re.compile(r"^\s*\(([A-J])\)\s*(.*?)\s*$")
 _ANSWER_LETTER = re.compile(r"^\s*\(?([A-Ja-j])(?:\)|\.)?\s*$")

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-
-from envs.geometry import Box
+from zoomgym.envs.geometry import Box
 
 LETTERS = "ABCDEFGHIJ"
 

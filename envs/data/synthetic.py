@@ -49,10 +49,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from envs.data.sample import LETTERS, Sample
-from envs.geometry import Box
-from envs.views import ViewBudget
+from zoomgym.envs.data.sample import LETTERS, Sample
+from zoomgym.envs.geometry import Box
+from zoomgym.envs.views import ViewBudget
 
 CATEGORIES = ("attribute", "relative_position")
 

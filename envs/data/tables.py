@@ -27,7 +27,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from envs.data.sample import ImageRef
+from zoomgym.envs.data.sample import ImageRef
 
 OPEN_TABLES_MAX = 16
 LARGE_ROW_GROUP_BYTES = 64 << 20

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ~1M-parameter Qwen2.5-VL with a small view budget (16..64 visual tokens per image), built offline."""
-    from agents.models import build_tiny_model
+    from zoomgym.agents.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", size="1m", seed=0,
                             min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28)
@@ -19,7 +19,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_agent(tiny_model_dir: Path):
     """An fp32 CPU `LMMAgent` (hf backend) over the tiny model. Tests must not change its weights."""
-    from agents.lmm import LMMAgent
+    from zoomgym.agents.lmm import LMMAgent
 
     return LMMAgent.from_pretrained(tiny_model_dir)
 
@@ -29,8 +29,7 @@ def samples():
     """Four questions on noise images of different sizes and aspect ratios."""
     import numpy as np
     from PIL import Image
-
-    from envs.data.sample import Sample
+    from zoomgym.envs.data.sample import Sample
 
     rng = np.random.default_rng(0)
     sizes = [(640, 480), (300, 520), (900, 300), (256, 256)]

@@ -10,10 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from agents.backends.base import GenerationRequest, SamplingParams, finish, stop_reached
-from agents.backends.hf import sample_next
-from agents.backends.vllm import (
+from zoomgym.agents.backends.base import GenerationRequest, SamplingParams, finish, stop_reached
+from zoomgym.agents.backends.hf import sample_next
+from zoomgym.agents.backends.vllm import (
     BANNED_LOGIT_BIAS,
     VLLMBackend,
     collapse_image_pads,
@@ -21,7 +20,7 @@ from agents.backends.vllm import (
     limit_mm_per_prompt,
     sampling_kwargs,
 )
-from agents.scoring import next_token_logprobs
+from zoomgym.agents.scoring import next_token_logprobs
 
 # A toy "tokenizer": id i decodes to CHARS[i]; 9 is an end-of-turn id that decodes to nothing.
 CHARS = ["`", "j", "s", "o", "n", "[", "1", "]", "\n", ""]
@@ -206,7 +205,7 @@ def test_vllm_weight_sync_sleep_and_wake():
 
 
 def test_importing_backends_imports_neither_torch_nor_vllm():
-    code = ("import sys, agents, agents.backends, agents.backends.vllm; "
+    code = ("import sys, zoomgym.agents, zoomgym.agents.backends, zoomgym.agents.backends.vllm; "
             "print('torch' in sys.modules, 'vllm' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
@@ -232,7 +231,7 @@ def test_vllm_engine_matches_hf_greedy(tiny_model_dir):
     pytest.importorskip("vllm")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from agents.lmm import LMMAgent
+    from zoomgym.agents.lmm import LMMAgent
 
     hf = LMMAgent.from_pretrained(tiny_model_dir, device="cuda")
     vl = LMMAgent.from_pretrained(tiny_model_dir, backend="vllm", max_images=1, dtype="float32",
@@ -246,8 +245,8 @@ def test_vllm_engine_matches_hf_greedy(tiny_model_dir):
 def test_stop_watcher_matches_whole_turn_decoding_and_decodes_only_a_tail():
     import random
 
-    from agents.backends.base import StopWatcher
-    from agents.models import train_tiny_tokenizer
+    from zoomgym.agents.backends.base import StopWatcher
+    from zoomgym.agents.models import train_tiny_tokenizer
 
     tokenizer = train_tiny_tokenizer()
     lengths = []
@@ -279,8 +278,8 @@ def test_stop_watcher_matches_whole_turn_decoding_and_decodes_only_a_tail():
 
 def test_hf_backend_never_emits_placeholder_or_vision_ids(tiny_model_dir):
     """Even a model whose logits favour the placeholders by 1e4 cannot sample them."""
-    from agents.backends.base import placeholder_ids
-    from agents.lmm import LMMAgent
+    from zoomgym.agents.backends.base import placeholder_ids
+    from zoomgym.agents.lmm import LMMAgent
 
     agent = LMMAgent.from_pretrained(tiny_model_dir)
     adapter = agent.adapter
@@ -303,8 +302,8 @@ def test_hf_backend_never_emits_placeholder_or_vision_ids(tiny_model_dir):
 
 def test_vllm_engine_gets_the_requested_dtype_and_the_default_envs_image_budget(tiny_model_dir, fake_vllm):
     """Issue 9, bug 2: dtype="float32" was consumed by LMMAgent and the engine defaulted to bfloat16."""
-    from agents.backends.vllm import VLLMBackend
-    from agents.lmm import LMMAgent
+    from zoomgym.agents.backends.vllm import VLLMBackend
+    from zoomgym.agents.lmm import LMMAgent
 
     agent = LMMAgent.from_pretrained(tiny_model_dir, backend="vllm", dtype="float32")
     (engine,) = fake_vllm.built
@@ -318,9 +317,9 @@ def test_vllm_engine_gets_the_requested_dtype_and_the_default_envs_image_budget(
 
 
 def test_backends_are_chosen_by_registry_name(tiny_model_dir):
-    from agents.backends import BACKENDS
-    from agents.backends.hf import HFBackend
-    from agents.lmm import LMMAgent
+    from zoomgym.agents.backends import BACKENDS
+    from zoomgym.agents.backends.hf import HFBackend
+    from zoomgym.agents.lmm import LMMAgent
 
     assert sorted(BACKENDS) == ["hf", "vllm"] and BACKENDS["hf"] is HFBackend
     agent = LMMAgent.from_pretrained(tiny_model_dir, backend="hf", max_batch_size=3)

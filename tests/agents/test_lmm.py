@@ -5,10 +5,9 @@ from __future__ import annotations
 import gymnasium
 import pytest
 import torch
-
-from agents.backends.base import SamplingParams
-from agents.lmm import LMMAgent
-from agents.weights import merged_state_dict
+from zoomgym.agents.backends.base import SamplingParams
+from zoomgym.agents.lmm import LMMAgent
+from zoomgym.agents.weights import merged_state_dict
 
 
 def test_view_budget_and_frame_come_from_the_processor(tiny_agent):
@@ -139,7 +138,7 @@ def test_merged_state_dict_merges_lora_adapters(tiny_model_dir, samples):
 
 
 def test_evaluate_plays_the_lmm_agent_token_exact_with_its_own_view(tiny_agent, samples, tmp_path):
-    from agents.evaluate import evaluate
+    from zoomgym.agents.evaluate import evaluate
 
     tiny_agent.sampling = SamplingParams(temperature=0.0, max_new_tokens=6)
     try:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from agents.backends.base import SamplingParams
-from agents.rollout import run_rollouts
+from zoomgym.agents.backends.base import SamplingParams
+from zoomgym.agents.rollout import run_rollouts
 
 TOL = 1e-4
 ZOOM_1 = '```json\n[{"bbox_2d": [12, 20, 150, 100], "label": "key area"}]\n```'

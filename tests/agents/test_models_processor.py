@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-
-from agents.models import build_tiny_model, load_processor
-from agents.models.processor import Qwen2_5_VLImageOnlyProcessor, Qwen2VLImageOnlyProcessor, is_hub_id
-from agents.models.tokenizer import QWEN_VL_CHAT_TEMPLATE, train_tiny_tokenizer
+from zoomgym.agents.models import build_tiny_model, load_processor
+from zoomgym.agents.models.processor import Qwen2_5_VLImageOnlyProcessor, Qwen2VLImageOnlyProcessor, is_hub_id
+from zoomgym.agents.models.tokenizer import QWEN_VL_CHAT_TEMPLATE, train_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

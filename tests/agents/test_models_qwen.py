@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from agents.models import adapter_for, build_tiny_model, load_processor
-from envs.spaces import message_images
+from zoomgym.agents.models import adapter_for, build_tiny_model, load_processor
+from zoomgym.envs.spaces import message_images
 
 # Shown sizes (w, h) in the tiny test budget (4..64 visual tokens); no two share a merged grid.
 SIZES = [(56, 84), (112, 56), (84, 140)]
@@ -109,7 +108,7 @@ def test_special_ids_come_from_the_tokenizer(tiny) -> None:
 
 
 def test_coord_frame_and_view_budget_follow_the_processor(tiny) -> None:
-    from envs.views import ViewBudget
+    from zoomgym.envs.views import ViewBudget
 
     model, _, adapter = tiny
     assert adapter.coord_frame == {"qwen2_5_vl": "qwen25", "qwen2_vl": "norm1000"}[model.config.model_type]

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from agents.models import adapter_for, build_tiny_model, load_processor, tiny_model_main
-from agents.models.tiny import TINY_SIZES, mrope_section
+from zoomgym.agents.models import adapter_for, build_tiny_model, load_processor, tiny_model_main
+from zoomgym.agents.models.tiny import TINY_SIZES, mrope_section
 
 
 def _noise(width: int, height: int, seed: int = 0) -> Image.Image:

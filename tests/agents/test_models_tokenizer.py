@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-
-from agents.models.tokenizer import (
+from zoomgym.agents.models.tokenizer import (
     QWEN_ADDED_TOKENS,
     QWEN_VL_CHAT_TEMPLATE,
     load_qwen25_tokenizer,
@@ -87,9 +86,8 @@ def qwen25_tokenizer():
 def qwen25_adapter(qwen25_tokenizer):
     """The real tokenizer + PIL image processor at MGPO's budget, behind a Qwen2.5-VL adapter."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLImageProcessorPil
-
-    from agents.models import adapter_for
-    from agents.models.processor import Qwen2_5_VLImageOnlyProcessor
+    from zoomgym.agents.models import adapter_for
+    from zoomgym.agents.models.processor import Qwen2_5_VLImageOnlyProcessor
 
     image_processor = Qwen2VLImageProcessorPil(min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28)
     processor = Qwen2_5_VLImageOnlyProcessor(image_processor, qwen25_tokenizer,

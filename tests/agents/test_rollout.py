@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import gymnasium
 import torch
-
-from agents.backends.base import SamplingParams, decode_text
-from agents.rollout import episode_seed, run_rollouts
+from zoomgym.agents.backends.base import SamplingParams, decode_text
+from zoomgym.agents.rollout import episode_seed, run_rollouts
 
 ZOOM = '```json\n[{"bbox_2d": [12, 20, 150, 100], "label": "key area"}]\n```'
 ANSWER = "It is red, \\boxed{A}"

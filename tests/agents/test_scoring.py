@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-
-from agents.scoring import entropy_from_logits
+from zoomgym.agents.scoring import entropy_from_logits
 
 
 def close(actual, expected, atol: float = 1e-5) -> None:

@@ -6,12 +6,12 @@ import sys
 
 import gymnasium as gym
 import pytest
+from zoomgym.agents import Agent, OracleAgent, RandomAgent, ReplayAgent, split_infos
+from zoomgym.agents.evaluate import evaluate
+from zoomgym.envs.data import Sample
 
-import envs  # noqa: F401
-from agents import Agent, OracleAgent, RandomAgent, ReplayAgent, split_infos
-from agents.evaluate import evaluate
-from envs.data import Sample
 from tests.conftest import marker_sample
+from zoomgym import envs  # noqa: F401
 
 
 def play(env: gym.Env, agent: Agent, sample: Sample) -> tuple[float, list[dict]]:

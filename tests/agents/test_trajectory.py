@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from agents.backends.base import SamplingParams
-from agents.trajectory import Trajectory
+from zoomgym.agents.backends.base import SamplingParams
+from zoomgym.agents.trajectory import Trajectory
 
 ZOOM = '```json\n[{"bbox_2d": [12, 20, 150, 100], "label": "key area"}]\n```'
 
@@ -22,7 +21,7 @@ def test_trajectory_checks_shapes():
 
 
 def test_collate_pads_right_and_gives_images_3d_positions(tiny_agent, samples, scripted):
-    from agents.rollout import run_rollouts
+    from zoomgym.agents.rollout import run_rollouts
 
     trajectories = run_rollouts(scripted([ZOOM, "\\boxed{B}"]), tiny_agent.adapter, samples[:2], 1,
                                 "zoomgym/ZoomEnv-v0", SamplingParams())

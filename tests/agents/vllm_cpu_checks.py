@@ -179,7 +179,7 @@ class Checks:
     """The checks, run in order; later ones reuse engines built by earlier ones."""
 
     def __init__(self, work: Path) -> None:
-        from agents.models.tokenizer import train_tiny_tokenizer
+        from zoomgym.agents.models.tokenizer import train_tiny_tokenizer
 
         self.work = work
         self.tokenizer = train_tiny_tokenizer()
@@ -197,7 +197,7 @@ class Checks:
         self.results: dict[str, dict[str, Any]] = {}
 
     def backend(self, folder: Path, **kwargs: Any) -> Any:
-        from agents.backends.vllm import VLLMBackend
+        from zoomgym.agents.backends.vllm import VLLMBackend
 
         # The CPU build sizes its KV cache from kv_cache_memory_bytes (else a share of RAM); 1 GiB is plenty.
         return VLLMBackend.from_pretrained(str(folder), adapter=self.adapter, dtype="float32", max_images=2,
@@ -205,7 +205,7 @@ class Checks:
                                            **kwargs)
 
     def requests(self, max_new_tokens: int, seeds: list[int | None]) -> list[Any]:
-        from agents.backends.base import GenerationRequest
+        from zoomgym.agents.backends.base import GenerationRequest
 
         return [GenerationRequest(list(p), max_new_tokens=max_new_tokens, seed=s) for p, s in zip(self.prompts, seeds,
                                                                                                    strict=True)]
@@ -229,7 +229,7 @@ class Checks:
         return f"VLLMBackend.from_pretrained built the engine in {time.perf_counter() - start:.1f} s"
 
     def seeded_sampling(self) -> str:
-        from agents.backends.base import SamplingParams
+        from zoomgym.agents.backends.base import SamplingParams
 
         sampling = SamplingParams(temperature=1.0, max_new_tokens=12, stop_after_block=None)
         batch = self.engine.generate(self.requests(12, [11, 12, 13]), sampling)
@@ -246,7 +246,7 @@ class Checks:
         return f"seeds 11/12/13 -> {[g.token_ids[:4] for g in batch]}... identical alone, batched and reordered"
 
     def logprobs_match_definition(self) -> str:
-        from agents.backends.base import SamplingParams, placeholder_ids
+        from zoomgym.agents.backends.base import SamplingParams, placeholder_ids
 
         banned = placeholder_ids(self.adapter)
         worst: dict[str, float] = {}
@@ -276,7 +276,7 @@ class Checks:
         return torch.log_softmax(logits, dim=-1).max(dim=-1).values.tolist()
 
     def load_weights_in_place(self) -> str:
-        from agents.backends.base import SamplingParams
+        from zoomgym.agents.backends.base import SamplingParams
 
         greedy = SamplingParams(temperature=0.0, max_new_tokens=len(self.chain), stop_after_block=None)
         sampled = SamplingParams(temperature=1.0, max_new_tokens=len(self.chain), stop_after_block=None)
@@ -299,7 +299,7 @@ class Checks:
                 "(greedy and seeded T=1, tokens and log-probs)")
 
     def stop_token_ids(self) -> str:
-        from agents.backends.base import SamplingParams
+        from zoomgym.agents.backends.base import SamplingParams
 
         k = 4
         sampling = SamplingParams(temperature=0.0, max_new_tokens=len(self.chain), stop_after_block=None,
@@ -310,7 +310,7 @@ class Checks:
         return f"stopped at id {self.chain[k]} (kept, finish_reason='eos')"
 
     def stop_strings(self) -> str:
-        from agents.backends.base import SamplingParams
+        from zoomgym.agents.backends.base import SamplingParams
 
         sampling = SamplingParams(temperature=0.0, max_new_tokens=len(self.chain), stop_after_block=None,
                                   stop=("[12",))
@@ -320,7 +320,7 @@ class Checks:
         return f"cut after {expected} tokens: {self.tokenizer.decode(self.chain[:expected])!r}"
 
     def json_block_stop(self) -> str:
-        from agents.backends.base import SamplingParams
+        from zoomgym.agents.backends.base import SamplingParams
 
         engine = self._chain_engine()
         n = len(self.chain)
@@ -349,7 +349,7 @@ class Checks:
         return self._sleep_round_trip(self._chain_engine())
 
     def _sleep_round_trip(self, engine: Any) -> str:
-        from agents.backends.base import SamplingParams
+        from zoomgym.agents.backends.base import SamplingParams
 
         sampling = SamplingParams(temperature=1.0, max_new_tokens=8, stop_after_block=None)
         before = engine.generate(self.requests(8, [3, 4, 5]), sampling)

@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-
-from algorithms.config import Config, load_config
+from zoomgym.algorithms.config import Config, load_config
 
 # A 112x112 view (16 visual tokens per image) keeps every forward cheap; the trainer does not need the
 # synthetic answers to be readable, only real multi-turn episodes with images.
@@ -19,7 +18,7 @@ MIN_PIXELS, MAX_PIXELS = 112 * 112, 112 * 112
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smallest offline tiny model (about 1M parameters), built once per session."""
-    from agents.models import build_tiny_model
+    from zoomgym.agents.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", size="1m", seed=0,
                             min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
@@ -74,8 +73,9 @@ def mgpo_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     Validated before and after, with a rendered trajectory at step 3, checkpointed after every step (the
     resume test continues from step 1 and must reach the same weights).
     """
-    import algorithms
-    from algorithms.build import build_agent
+    from zoomgym.algorithms.build import build_agent
+
+    from zoomgym import algorithms
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path_factory.mktemp("mgpo") / "run", "algorithm.name=mgpo",
                           "trainer.val_every=3", "logging.render_every=3", "logging.render_count=1",

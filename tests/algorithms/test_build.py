@@ -6,9 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from algorithms.build import build_agent, env_id_of
-from algorithms.config import Config
+from zoomgym.algorithms.build import build_agent, env_id_of
+from zoomgym.algorithms.config import Config
 
 
 @pytest.mark.parametrize(
@@ -48,7 +47,7 @@ def test_env_id_comes_from_the_config_or_the_algorithm(tiny_config: Callable[...
 
 
 def test_building_an_algorithm_writes_nothing(tiny_config: Callable[..., Config], tmp_path: Path) -> None:
-    import algorithms
+    from zoomgym import algorithms
 
     cfg = tiny_config("data.val=[]")
     algo = algorithms.make("mgpo", agent=build_agent(cfg), config=cfg)

@@ -10,8 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
-from algorithms.checkpoint import (
+from zoomgym.algorithms.checkpoint import (
     TRAINER_STATE,
     latest_checkpoint,
     list_checkpoints,
@@ -19,9 +18,9 @@ from algorithms.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from algorithms.config import load_config
-from algorithms.logging import read_metrics
-from algorithms.run import run
+from zoomgym.algorithms.config import load_config
+from zoomgym.algorithms.logging import read_metrics
+from zoomgym.algorithms.run import run
 
 
 def test_rng_state_round_trip() -> None:

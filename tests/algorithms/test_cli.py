@@ -7,16 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from algorithms.cli import main, resolve_config
-from algorithms.logging import read_metrics
+from zoomgym.algorithms.cli import main, resolve_config
+from zoomgym.algorithms.logging import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def zoomgym(*args: str) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("zoomgym")  # the console script of `pip install -e .`
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "algorithms.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "zoomgym.algorithms.cli"]
     return subprocess.run([*command, *args], capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
@@ -68,7 +67,7 @@ def test_forwarded_commands_keep_their_help() -> None:
 
 
 def test_resume_uses_the_runs_own_config(tmp_path: Path) -> None:
-    from algorithms.config import load_config, save_config
+    from zoomgym.algorithms.config import load_config, save_config
 
     cfg = load_config(REPO / "configs" / "quickstart.yaml", ["trainer.steps=3", "name=mine"])
     (tmp_path / "run").mkdir()

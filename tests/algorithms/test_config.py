@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from algorithms.config import (
+from zoomgym.algorithms.config import (
     Config,
     describe,
     field_docs,
@@ -157,7 +156,7 @@ def test_config_error_exits_before_model_load(tmp_path: Path) -> None:
     # A subprocess that would need minutes to load a model must fail at once, naming the key,
     # and never import transformers.
     code = (
-        "import sys; from algorithms.cli import main; rc = main(sys.argv[1:]); "
+        "import sys; from zoomgym.algorithms.cli import main; rc = main(sys.argv[1:]); "
         "assert 'transformers' not in sys.modules, 'transformers was imported'; sys.exit(rc)"
     )
     # Only the model-path case turns off building the tiny model: the others must fail on their own key

@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-
-from algorithms import core
-from algorithms.core import (
+from zoomgym.algorithms import core
+from zoomgym.algorithms.core import (
     ADVANTAGES,
     AGGREGATIONS,
     KL_ESTIMATORS,

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 import torch
+from zoomgym.algorithms.grpo import GRPO, last_turn_mask
+from zoomgym.algorithms.mgpo import MGPO
+from zoomgym.algorithms.ppo import PPOBatch, PPOSettings, micro_batch_loss, right_pad
 
-import algorithms
-from algorithms.grpo import GRPO, last_turn_mask
-from algorithms.mgpo import MGPO
-from algorithms.ppo import PPOBatch, PPOSettings, micro_batch_loss, right_pad
+from zoomgym import algorithms
 
 
 def runs_of_ones(mask: torch.Tensor) -> list[tuple[int, int]]:
@@ -42,7 +42,7 @@ def test_last_turn_mask(mask: list[int], expected: list[int]) -> None:
 @pytest.fixture(scope="module")
 def multi_turn(mgpo_run: tuple[Any, dict], tmp_path_factory: pytest.TempPathFactory) -> tuple[MGPO, list]:
     """Real 3-turn episodes of the tiny model, each turn with an image, cut by the turn budget (no answer)."""
-    from algorithms.config import load_config
+    from zoomgym.algorithms.config import load_config
 
     trained, _ = mgpo_run
     cfg = load_config(trained.run_dir / "config.yaml", [
@@ -104,7 +104,7 @@ def test_over_turn_masking_zeroes_truncated_episodes(multi_turn: tuple[MGPO, lis
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_micro_batches_accumulate_to_the_mini_batch_gradient(multi_turn: tuple[MGPO, list], agg: str) -> None:
     """Gradient accumulation is exact: four micro-batches of one episode == one micro-batch of four."""
-    from algorithms import core
+    from zoomgym.algorithms import core
 
     algo, trajectories = multi_turn
     settings = dataclasses.replace(PPOSettings.from_config(algo.cfg), loss_agg=agg)

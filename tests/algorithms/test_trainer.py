@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 import torch
+from zoomgym.algorithms.build import build_agent
+from zoomgym.algorithms.config import Config
+from zoomgym.algorithms.grpo import GRPO
+from zoomgym.algorithms.logging import read_metrics
+from zoomgym.algorithms.run import run
 
-import algorithms
-from algorithms.build import build_agent
-from algorithms.config import Config
-from algorithms.grpo import GRPO
-from algorithms.logging import read_metrics
-from algorithms.run import run
+from zoomgym import algorithms
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -54,8 +54,7 @@ def check_finished_run(algo: Any, initial: dict[str, torch.Tensor], env_id: str,
     assert (run_dir / "config.yaml").is_file()
 
     from transformers import AutoModelForImageTextToText
-
-    from agents.models import load_processor
+    from zoomgym.agents.models import load_processor
 
     reloaded = AutoModelForImageTextToText.from_pretrained(algo.last_checkpoint)
     for n, p in reloaded.named_parameters():
@@ -127,7 +126,7 @@ def test_dynamic_sampling_keeps_informative_groups(
     tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Groups with equal rewards are dropped and fresh prompts top the batch up, whole groups only."""
-    from agents.trajectory import Trajectory
+    from zoomgym.agents.trajectory import Trajectory
 
     cfg = tiny_config("algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_max_rounds=3",
                       "data.val=[]")
@@ -151,7 +150,7 @@ def test_dynamic_sampling_keeps_informative_groups(
 def test_prompts_cover_each_epoch_once_in_a_fresh_order() -> None:
     from types import SimpleNamespace
 
-    from algorithms.config import Config as Cfg
+    from zoomgym.algorithms.config import Config as Cfg
 
     stub = SimpleNamespace(train_samples=list(range(5)), cfg=Cfg(), prompts_drawn=0)
     drawn = [GRPO.next_prompts(stub, 2) for _ in range(5)]  # 10 prompts = 2 epochs of 5
@@ -164,7 +163,7 @@ def test_prompts_cover_each_epoch_once_in_a_fresh_order() -> None:
 
 def test_an_update_moves_log_probs_the_way_of_the_advantages(tiny_config: Callable[..., Config]) -> None:
     """One PPO update: episodes with A > 0 become more likely, those with A < 0 less likely."""
-    from algorithms.ppo import right_pad
+    from zoomgym.algorithms.ppo import right_pad
 
     cfg = tiny_config("algorithm.kl_coef=0", "algorithm.entropy_coef=0", "trainer.mini_batch_prompts=2",
                       "trainer.lr=1e-4", "data.val=[]")
@@ -191,9 +190,9 @@ def test_validation_is_greedy_on_every_held_out_set() -> None:
     """The reference meant greedy validation and sampled at T=1: ours passes greedy settings to the backend."""
     from types import SimpleNamespace
 
-    from algorithms.build import sampling_params
-    from algorithms.config import Config as Cfg
-    from algorithms.trainer import Trainer
+    from zoomgym.algorithms.build import sampling_params
+    from zoomgym.algorithms.config import Config as Cfg
+    from zoomgym.algorithms.trainer import Trainer
 
     calls = []
     stub = SimpleNamespace(cfg=Cfg(), val_sets={"a": ["s1", "s2"], "b": ["s3"]}, step=4, first_validation={},
@@ -210,12 +209,12 @@ def test_validation_is_greedy_on_every_held_out_set() -> None:
 def test_episode_metrics_grounding_health_from_real_env_episodes() -> None:
     """Valid-box ratio, IoU and accuracy split by zoomed / not zoomed, from ZoomEnv infos of scripted agents."""
     import gymnasium
+    from zoomgym.agents.metrics import episode_metrics
+    from zoomgym.agents.scripted import OracleAgent, ReplayAgent
+    from zoomgym.agents.trajectory import Trajectory
+    from zoomgym.envs.data import synthetic
 
-    import envs  # noqa: F401 - registers the zoomgym ids
-    from agents.metrics import episode_metrics
-    from agents.scripted import OracleAgent, ReplayAgent
-    from agents.trajectory import Trajectory
-    from envs.data import synthetic
+    from zoomgym import envs  # noqa: F401 - registers the zoomgym ids
 
     def play(agent: Any, sample: Any) -> Trajectory:
         env = gymnasium.make("zoomgym/ZoomEnv-v0", dataset=[sample])
@@ -248,7 +247,7 @@ def test_a_registered_advantage_and_policy_loss_selected_by_config_change_the_up
     tiny_config: Callable[..., Config],
 ) -> None:
     """`algorithm.advantage` / `algorithm.policy_loss` pick registry entries; the built-ins are not hard-wired."""
-    from algorithms import core
+    from zoomgym.algorithms import core
 
     calls: dict[str, int] = {"advantage": 0, "loss": 0}
 

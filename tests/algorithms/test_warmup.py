@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-
-from agents.backends.base import GenerationRequest
-from algorithms.config import WarmupConfig
-from envs.data.synthetic import COLOUR_PAIRS, RELATIONS, synthetic
+from zoomgym.agents.backends.base import GenerationRequest
+from zoomgym.algorithms.config import WarmupConfig
+from zoomgym.envs.data.synthetic import COLOUR_PAIRS, RELATIONS, synthetic
 
 
 @pytest.fixture(scope="module")
 def agent(tiny_model_dir: Path):
-    from agents.lmm import LMMAgent
+    from zoomgym.agents.lmm import LMMAgent
 
     return LMMAgent.from_pretrained(tiny_model_dir, min_pixels=168 * 168, max_pixels=224 * 224)  # the `cpu` preset
 
@@ -24,7 +23,7 @@ def agent(tiny_model_dir: Path):
 def _env_fn(agent):
     import gymnasium
 
-    import envs  # noqa: F401
+    from zoomgym import envs  # noqa: F401
 
     return lambda sample: gymnasium.make("zoomgym/ZoomEnv-v0", dataset=[sample], view_budget=agent.view_budget,
                                          coord_frame=agent.coord_frame)
@@ -47,7 +46,7 @@ def test_synthetic_fixed_option_order_maps_each_answer_to_one_letter() -> None:
 
 
 def test_scripted_turns_ignore_the_sample(agent) -> None:
-    from agents.backends.scripted import ScriptedBackend
+    from zoomgym.agents.backends.scripted import ScriptedBackend
 
     backend = ScriptedBackend(agent.adapter, num_options=4, grid=3, side=0.4)
     view = Image.new("RGB", (224, 224))
@@ -63,8 +62,8 @@ def test_scripted_turns_ignore_the_sample(agent) -> None:
 
 
 def test_scripted_episodes_are_valid_zooms_at_chance_accuracy(agent) -> None:
-    from agents.backends.scripted import ScriptedBackend
-    from algorithms.warmup import scripted_episodes
+    from zoomgym.agents.backends.scripted import ScriptedBackend
+    from zoomgym.algorithms.warmup import scripted_episodes
 
     samples = synthetic(64, seed=0, preset="cpu", option_order="fixed", categories=["attribute"], clutter=0)
     backend = ScriptedBackend(agent.adapter)
@@ -80,8 +79,8 @@ def test_scripted_episodes_are_valid_zooms_at_chance_accuracy(agent) -> None:
 def test_format_warmup_fits_the_scripted_tokens_in_place(agent) -> None:
     import copy
 
-    from agents.backends.hf import HFBackend
-    from algorithms.warmup import format_warmup
+    from zoomgym.agents.backends.hf import HFBackend
+    from zoomgym.algorithms.warmup import format_warmup
 
     agent = copy.copy(agent)
     agent.model = copy.deepcopy(agent.model)  # the module's agent stays untouched for the other tests

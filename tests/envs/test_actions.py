@@ -1,9 +1,8 @@
 from __future__ import annotations
 
 import pytest
-
-from envs.actions import BoxRules, extract_boxed, iter_box_candidates, read_box
-from envs.geometry import Box
+from zoomgym.envs.actions import BoxRules, extract_boxed, iter_box_candidates, read_box
+from zoomgym.envs.geometry import Box
 
 SHOWN = (1000, 800)
 

@@ -11,8 +11,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
-
-from envs.data import (
+from zoomgym.envs.data import (
     MAX_IMAGE_PIXELS,
     ImageLoadError,
     Sample,

@@ -12,11 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import zoomgym.envs.data.images as images_module
+import zoomgym.envs.data.loaders as loaders_module
 from PIL import Image
-
-import envs.data.images as images_module
-import envs.data.loaders as loaders_module
-from envs.data import (
+from zoomgym.envs.data import (
     ImageLoadError,
     ImageRef,
     clear_image_cache,

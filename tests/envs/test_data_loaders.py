@@ -12,8 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from envs.data import (
+from zoomgym.envs.data import (
     DATASETS,
     ImageLoadError,
     ImageRef,
@@ -25,7 +24,7 @@ from envs.data import (
     load_mme_realworld,
     load_vstar,
 )
-from envs.geometry import Box
+from zoomgym.envs.geometry import Box
 
 
 def tiny_image(seed: int, size: tuple[int, int] = (24, 16)) -> Image.Image:
@@ -466,7 +465,7 @@ def test_registry_names_and_did_you_mean(tmp_path):
 
 
 def test_sample_takes_boxes_as_box_or_the_benchmarks_four_numbers():
-    from envs.geometry import Box
+    from zoomgym.envs.geometry import Box
 
     sample = Sample("s", b"", "q?", ("a", "b"), "A", boxes=[[1, 2, 30, 40], (5, 5, 9, 9.5), Box(0, 0, 1, 1)])
     assert sample.boxes == (Box(1, 2, 30, 40), Box(5, 5, 9, 9.5), Box(0, 0, 1, 1))

@@ -7,11 +7,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
-from envs.data import load_image, synthetic
-from envs.data.synthetic import COLOUR_PAIRS, RELATIONS, SYNTHETIC_PRESETS
-from envs.geometry import Box
-from envs.views import RESAMPLING, ViewBudget, make_view
+from zoomgym.envs.data import load_image, synthetic
+from zoomgym.envs.data.synthetic import COLOUR_PAIRS, RELATIONS, SYNTHETIC_PRESETS
+from zoomgym.envs.geometry import Box
+from zoomgym.envs.views import RESAMPLING, ViewBudget, make_view
 
 # Views are made exactly as the env makes them (envs.views.make_view) under the budget the
 # samples were generated for.

@@ -9,12 +9,12 @@ import gymnasium as gym
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from zoomgym.envs.actions import BoxRules, extract_boxed, read_box
+from zoomgym.envs.geometry import Box
+from zoomgym.envs.rewards import match_answer
 
-import envs  # noqa: F401
-from envs.actions import BoxRules, extract_boxed, read_box
-from envs.geometry import Box
-from envs.rewards import match_answer
 from tests.conftest import marker_sample
+from zoomgym import envs  # noqa: F401
 
 OPTIONS = ("blue", "red", "green", "white")
 NUMBERS = [

@@ -7,8 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-
-from envs.geometry import (
+from zoomgym.envs.geometry import (
     FRAMES,
     Box,
     Frame,
@@ -19,7 +18,7 @@ from envs.geometry import (
     region_to_original,
     register_frame,
 )
-from envs.views import ViewBudget, make_view
+from zoomgym.envs.views import ViewBudget, make_view
 
 BUDGET = ViewBudget()
 

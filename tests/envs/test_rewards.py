@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import pytest
-
-from envs.rewards import answer_reward, match_answer, normalize_answer
+from zoomgym.envs.rewards import answer_reward, match_answer, normalize_answer
 
 OPTIONS = ("red and cyan", "green and magenta", "blue and yellow", "black and white")
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 from PIL import Image
-
-from envs.geometry import Box
-from envs.spaces import ChatSpace, count_crops, last_view, message_images, message_views
-from envs.views import ViewInfo
+from zoomgym.envs.geometry import Box
+from zoomgym.envs.spaces import ChatSpace, count_crops, last_view, message_images, message_views
+from zoomgym.envs.views import ViewInfo
 
 
 def view(kind: str, size: tuple[int, int]) -> ViewInfo:

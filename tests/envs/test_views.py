@@ -5,9 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-
-from envs.geometry import Box
-from envs.views import RESAMPLING, ViewBudget, make_view
+from zoomgym.envs.geometry import Box
+from zoomgym.envs.views import RESAMPLING, ViewBudget, make_view
 
 BUDGET = ViewBudget()
 

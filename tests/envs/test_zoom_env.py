@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 from PIL import Image
+from zoomgym.envs.data import ImageLoadError, Sample
+from zoomgym.envs.geometry import Box
+from zoomgym.envs.prompts import PromptTemplates
+from zoomgym.envs.spaces import ChatSpace
+from zoomgym.envs.views import ViewInfo
 
-import envs
-from envs.data import ImageLoadError, Sample
-from envs.geometry import Box
-from envs.prompts import PromptTemplates
-from envs.spaces import ChatSpace
-from envs.views import ViewInfo
 from tests.conftest import marker_sample
+from zoomgym import envs
 
 INFO_KEYS = {
     "turn", "max_turns", "next_turn", "frame", "box_shown", "box_original", "box_valid", "fallback", "iou",
