@@ -26,11 +26,12 @@ if TYPE_CHECKING:
     from zoomgym.envs.data import Sample
 
 
-def env_id_of(cfg: Config) -> str:
-    """The env episodes run in: ``env.id``, else the configured algorithm's own (``default_env_id``)."""
+def env_id_of(cfg: Config, trainer: type | None = None) -> str:
+    """The env episodes run in: ``env.id``, else the trainer's own ``default_env_id`` (by default the
+    class of the configured ``algorithm.name``)."""
     from zoomgym import algorithms
 
-    return cfg.env.id or algorithms.get(cfg.algorithm.name).default_env_id
+    return cfg.env.id or (trainer or algorithms.get(cfg.algorithm.name)).default_env_id
 
 
 def env_kwargs(cfg: Config) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
-from zoomgym.algorithms.build import env_factory, load_samples, load_val_sets, sampling_params
+from zoomgym.algorithms.build import env_factory, env_id_of, load_samples, load_val_sets, sampling_params
 from zoomgym.algorithms.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from zoomgym.algorithms.config import RUN_CONFIG_FILE, Config, LoraConfig, ModelConfig, save_config
 from zoomgym.algorithms.logging import RunLogger
@@ -114,7 +114,7 @@ class Trainer:
     def __init__(self, agent: Any, config: Config, env_id: str | None = None) -> None:
         self.agent = agent
         self.cfg = config
-        self.env_id = env_id or config.env.id or self.default_env_id
+        self.env_id = env_id or env_id_of(config, type(self))
         self.step = 0
         self.prompts_drawn = 0
         self.first_validation: dict[str, float] = {}
