@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check envs agents algorithms tests benchmarks
+	$(VENV)/bin/ruff check zoomgym envs agents algorithms tests benchmarks
 
 bench: $(STAMP)
 	$(PY) benchmarks/env_steps.py

@@ -1,7 +1,7 @@
 """zoomgym agents: who acts in the env.
 
 Names are resolved lazily (PEP 562), so ``from zoomgym import agents`` stays light: the scripted agents need
-no torch, and heavy agents (added to `_EXPORTS`) import their dependencies only when first used.
+no torch, and heavy agents import their dependencies only when first used.
 
 >>> from zoomgym import agents
 >>> agents.OracleAgent.__name__
@@ -10,8 +10,7 @@ no torch, and heavy agents (added to `_EXPORTS`) import their dependencies only 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from zoomgym.registry import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "Agent": "zoomgym.agents.base",
@@ -21,17 +20,10 @@ _EXPORTS: dict[str, str] = {
     "ReplayAgent": "zoomgym.agents.scripted",
     "LMMAgent": "zoomgym.agents.lmm",
     "Trajectory": "zoomgym.agents.trajectory",
+    "episode_metrics": "zoomgym.agents.metrics",
+    "play_episodes": "zoomgym.agents.rollout",
 }
 """Public name -> module that defines it."""
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'agents' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

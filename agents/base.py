@@ -14,7 +14,9 @@ class Agent(Protocol):
 
     ``act(observations, infos)`` gets the chats of ``B`` envs and their infos (one dict per env) and
     returns ``B`` texts, the actions. Scripted agents may read ``info["sample"]``; model agents only
-    look at the chat.
+    look at the chat. An agent whose model fixes the view (``LMMAgent``) also has ``view_budget`` and
+    ``coord_frame``, and envs are made with them. Any agent plays through the rollout engine
+    (`agents.rollout.play_episodes`) and is evaluated by `agents.evaluate.evaluate`.
     """
 
     def act(self, observations: Sequence[Chat], infos: Sequence[Mapping[str, Any]]) -> list[str]: ...

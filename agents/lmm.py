@@ -1,8 +1,10 @@
-"""`LMMAgent`: a Qwen-VL-family model that plays zoom envs and serves the trainer.
+"""`LMMAgent`: a Qwen-VL-family model that acts in zoom envs and plays rollouts for the trainer.
 
 One object holds the training copy of the model (transformers), its processor, the model adapter
 (chat layout as ids, special ids, rope index, view budget, coordinate frame) and a generation backend
-(``hf``: the same model object; ``vllm``: a separate engine kept in sync with ``sync_weights``).
+(``hf``: the same model object; ``vllm``: a separate engine kept in sync with ``sync_weights``), chosen
+by name from `agents.backends.BACKENDS`. Scoring lives in `agents.scoring`, weight export in
+`agents.weights`.
 
 >>> agent = LMMAgent.from_pretrained("runs/tiny")                          # doctest: +SKIP
 >>> env = gymnasium.make("zoomgym/ZoomEnv-v0", dataset=data,               # doctest: +SKIP
@@ -19,23 +21,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from zoomgym.agents.backends.base import (
-    Backend,
-    GenerationRequest,
-    SamplingParams,
-    decode_text,
-    placeholder_ids,
-)
-from zoomgym.agents.backends.hf import next_token_logprobs
+from zoomgym.agents.backends import BACKENDS
+from zoomgym.agents.backends.base import Backend, GenerationRequest, SamplingParams, decode_text
 from zoomgym.agents.rollout import EnvSpec, run_rollouts
-from zoomgym.agents.trajectory import MODEL_INPUTS, Trajectory, collate
+from zoomgym.agents.scoring import token_logprobs
+from zoomgym.agents.trajectory import Trajectory, collate
+from zoomgym.agents.weights import merged_state_dict
+from zoomgym.envs import DEFAULT_ENV_ID, episode_spec
+from zoomgym.envs.spaces import message_images
 
 GREEDY = SamplingParams(temperature=0.0)
 """Default sampling of `LMMAgent.act`: greedy decoding (the evaluation protocol)."""
 
 
 class LMMAgent:
-    """A multimodal policy: ``act`` for evaluation, ``rollout``/``collate``/``token_logprobs`` for training.
+    """A multimodal policy: ``act`` for evaluation, ``rollout`` for training data.
 
     Args:
         model: a transformers ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen2VLForConditionalGeneration``.
@@ -76,23 +76,35 @@ class LMMAgent:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         sampling: SamplingParams = GREEDY,
-        **backend_kwargs: Any,
+        max_images: int | None = None,
+        max_context_tokens: int | None = None,
+        seed: int = 0,
+        **backend_settings: Any,
     ) -> LMMAgent:
-        """Loads model, processor and adapter from a local folder (offline) or a hub id.
+        """Loads model, processor and adapter from a local folder (offline) or a hub id, then the backend.
 
         Args:
             path_or_id: a ``save_pretrained`` folder (e.g. from ``zoomgym tiny-model``) or a hub id.
-            backend: ``"hf"`` or ``"vllm"`` (the vLLM engine loads the same checkpoint; ``backend_kwargs``
-                go to `agents.backends.vllm.VLLMBackend.from_pretrained`, e.g. ``max_turns=2``).
-            dtype: the training copy's dtype (``"float32"``, ``"bfloat16"``, or a ``torch.dtype``).
+            backend: a name in `agents.backends.BACKENDS` (``"hf"``, ``"vllm"``); the engine is built by
+                its ``from_pretrained`` with the same checkpoint and ``dtype``.
+            dtype: the training copy's dtype (``"float32"``, ``"bfloat16"``, or a ``torch.dtype``), and
+                the backend's.
             device: where the training copy lives.
             min_pixels, max_pixels: override the processor's view budget (then shared with the env
                 through ``agent.view_budget``).
             sampling: how ``act`` samples.
+            max_images: images one episode may show, for engines that reserve memory per prompt (vLLM);
+                default: the image budget of the default env (`envs.DEFAULT_ENV_ID`).
+            max_context_tokens: an episode's token budget, for engines that size their context (None:
+                the model's).
+            seed: the engine's seed (requests carry their own seeds).
+            **backend_settings: the backend's own settings (``rollout.<backend>`` in a config), e.g.
+                ``gpu_memory_utilization=0.6`` for vLLM.
         """
         from transformers import AutoModelForImageTextToText
         from zoomgym.agents.models import adapter_for, load_processor
 
+        engine_cls = BACKENDS.lookup(backend)  # an unknown name fails before anything loads
         path = str(path_or_id)
         local = os.path.isdir(path)
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -109,22 +121,19 @@ class LMMAgent:
             ) from err
         model = model.to(device).eval()
         adapter = adapter_for(model, processor)
-        if backend == "hf":
-            from zoomgym.agents.backends.hf import HFBackend
-
-            engine: Backend = HFBackend(model, adapter, **backend_kwargs)
-        elif backend == "vllm":
-            from zoomgym.agents.backends.vllm import VLLMBackend
-
-            engine = VLLMBackend.from_pretrained(path, adapter, **backend_kwargs)
-        else:
-            raise ValueError(f"Expects backend 'hf' or 'vllm', actual: {backend!r}")
+        engine = engine_cls.from_pretrained(
+            path, model=model, adapter=adapter, dtype=str(torch_dtype).removeprefix("torch."),
+            max_images=max_images if max_images is not None else episode_spec(DEFAULT_ENV_ID).max_images,
+            max_context_tokens=max_context_tokens, seed=seed, **backend_settings,
+        )
         return cls(model, processor, adapter, engine, sampling)
 
     def save_pretrained(self, path: str | os.PathLike[str]) -> None:
         """Writes model and processor so that ``from_pretrained(path)`` rebuilds this agent."""
+        from zoomgym.agents.models import save_processor
+
         self.model.save_pretrained(path)
-        self.processor.save_pretrained(path)
+        save_processor(self.processor, path)  # with every processor file of the source model
 
     @property
     def view_budget(self) -> Any:
@@ -146,12 +155,8 @@ class LMMAgent:
         if not sampling.stop_token_ids:
             sampling = dataclasses.replace(sampling, stop_token_ids=tuple(self.adapter.eos_ids))
         requests = [
-            GenerationRequest(
-                list(self.adapter.encode_prefix(chat)),
-                self.adapter.message_images(chat),
-                sampling.max_new_tokens,
-                sampling.seed,
-            )
+            GenerationRequest(list(self.adapter.encode_prefix(chat)), message_images(chat), sampling.max_new_tokens,
+                              sampling.seed)
             for chat in observations
         ]
         return [decode_text(self.adapter, g.token_ids) for g in self.backend.generate(requests, sampling)]
@@ -160,7 +165,7 @@ class LMMAgent:
         self,
         samples: Sequence[Any],
         group_size: int = 1,
-        env: EnvSpec = "zoomgym/ZoomEnv-v0",
+        env: EnvSpec = DEFAULT_ENV_ID,
         sampling: SamplingParams | None = None,
         *,
         weight_version: int | None = None,
@@ -192,81 +197,25 @@ class LMMAgent:
     def token_logprobs(
         self, batch: Mapping[str, Any], with_entropy: bool = False, temperature: float = 1.0, *, model: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-token log-probs of a collated batch under the current weights (differentiable).
-
-        ``logp[:, t] = log softmax(logits[:, t - 1] / temperature)[input_ids[:, t]]`` for ``t >= 1`` and 0
-        at ``t = 0`` (placeholder ids excluded, exactly as at sampling: `agents.backends.base`);
-        ``entropy[:, t]`` is the entropy of that same distribution. Use the sampling temperature (1 for
-        greedy) so these match the rollout's ``sampling_logprobs``.
-
-        Args:
-            batch: from `collate`.
-            with_entropy: also return the per-token entropy.
-            temperature: ``T`` of the definition above.
-            model: score with this model instead of ``self.model`` (same architecture and vocabulary,
-                e.g. a frozen reference policy); the batch's positions and placeholders stay valid.
-
-        Returns:
-            ``(logp (N, L), entropy (N, L) or None)``, float32, on the model's device.
-        """
-        model = self.model if model is None else model
-        device = next(model.parameters()).device
-        inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
-        hidden = model.model(**inputs, use_cache=False).last_hidden_state  # (N, L, H)
-        input_ids = inputs["input_ids"]
-        n, length = input_ids.shape
-        logp = hidden.new_zeros((n, length), dtype=torch.float32)
-        entropy = hidden.new_zeros((n, length), dtype=torch.float32) if with_entropy else None
-        banned = placeholder_ids(self.adapter)
-        for i in range(n):  # one row of (L, V) logits at a time bounds memory for 150K vocabularies
-            row_logp = next_token_logprobs(model.lm_head(hidden[i, :-1]), temperature, banned)
-            logp[i, 1:] = row_logp.gather(-1, input_ids[i, 1:, None])[:, 0]
-            if entropy is not None:
-                # Banned ids have p = 0 and logp = -inf; their term of -sum p log p is 0, not NaN.
-                entropy[i, 1:] = -(row_logp.exp() * row_logp.masked_fill(row_logp.isinf(), 0.0)).sum(-1)
-        return logp, entropy
-
-    def state_dict_for_backend(self) -> dict[str, torch.Tensor]:
-        """The training copy's weights under the model's checkpoint names (what vLLM's ``load_weights`` reads).
-
-        With LoRA adapters injected by ``peft`` (``get_peft_model``), each adapted linear layer is
-        returned merged, ``W + sum_a scale_a * B_a @ A_a`` over its active, unmerged adapters, under the
-        base name (``...q_proj.weight``, not ``...q_proj.base_layer.weight``); adapter tensors are left
-        out. The model itself is not changed. DoRA adapters are rejected.
-        """
-        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        state = model.state_dict()
-        lora_layers = {name: module for name, module in model.named_modules() if _is_lora_layer(module)}
-        if not lora_layers:
-            return dict(state)
-        merged = {key.replace(".base_layer.", "."): tensor for key, tensor in state.items()
-                  if not any(f".{part}" in key for part in _LORA_PARTS)}
-        with torch.no_grad():
-            for name, layer in lora_layers.items():
-                adapters = [a for a in layer.active_adapters if a in layer.lora_A]
-                if any(layer.use_dora.get(a, False) for a in adapters):
-                    raise ValueError(f"Expects LoRA adapters without DoRA to merge, actual: DoRA in {name}")
-                weight = layer.get_base_layer().weight.detach()
-                if not layer.merged:  # a merged layer's base weight already holds the deltas
-                    weight = weight + sum(layer.get_delta_weight(a) for a in adapters).to(weight.dtype)
-                merged[f"{name}.weight"] = weight
-        return merged
+        """`agents.scoring.token_logprobs` of a collated batch under ``model`` (default this agent's)."""
+        return token_logprobs(self.model if model is None else model, self.adapter, batch,
+                              with_entropy=with_entropy, temperature=temperature)
 
     def sync_weights(self, version: int) -> None:
         """Pushes the training weights into the backend and stamps them ``version`` (the trainer's step).
 
-        An ``hf`` backend over this agent's own model already samples with the training weights
-        (adapters included): only the version is stamped.
+        A backend that shares this agent's model (``hf``) already samples with the training weights
+        (adapters included): only the version is stamped. Others get `agents.weights.merged_state_dict`.
         """
-        shared = getattr(self.backend, "model", None) is self.model
-        self.backend.load_weights({} if shared else self.state_dict_for_backend(), version)
+        self.backend.load_weights({} if self.backend.shares_model else merged_state_dict(self.model), version)
         self.weight_version = int(version)
 
+    def sleep(self) -> None:
+        """Lets the backend release its accelerator memory while the trainer updates (if it can sleep)."""
+        if self.backend.can_sleep:
+            self.backend.sleep()
 
-_LORA_PARTS = ("lora_A.", "lora_B.", "lora_embedding_A.", "lora_embedding_B.", "lora_magnitude_vector.")
-"""Name parts of ``peft`` LoRA parameters (left out of the merged state dict)."""
-
-
-def _is_lora_layer(module: Any) -> bool:
-    """Whether ``module`` is a ``peft`` LoRA layer wrapping a base layer (duck-typed: peft stays optional)."""
-    return all(hasattr(module, attr) for attr in ("lora_A", "get_delta_weight", "get_base_layer", "merged"))
+    def wake_up(self) -> None:
+        """Restores what `sleep` released."""
+        if self.backend.can_sleep:
+            self.backend.wake_up()

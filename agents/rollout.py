@@ -22,6 +22,10 @@ ends there, ``truncated`` and ``context_truncated`` are set on the trajectory an
 Seeds: with ``sampling.seed`` set, the draws of episode ``e`` in turn ``k`` use the seed
 ``SeedSequence([seed, e, k])``, so results do not depend on batch size or on which episodes are still
 running; env resets use ``seed + e``.
+
+Agents that act on text (the `agents.base.Agent` protocol: the scripted agents, or any other) play
+through the same engine with `play_episodes`: same envs, resets, seeds, bookkeeping and `Trajectory`,
+without token ids (``length == 0``), so one metrics module (`agents.metrics`) reads both.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import torch
 from tqdm.auto import tqdm
 from zoomgym.agents.backends.base import Backend, Generation, GenerationRequest, SamplingParams, decode_text
 from zoomgym.agents.trajectory import Trajectory
+from zoomgym.envs import DEFAULT_ENV_ID
+from zoomgym.envs.spaces import message_images, message_views
 
 EnvSpec = str | Callable[[Any], Any]
 """A registered env id (built with ``gymnasium.make(id, dataset=[sample], view_budget=..., coord_frame=...)``)
@@ -44,17 +50,6 @@ or a factory ``sample -> env``."""
 def episode_seed(seed: int, episode: int, turn: int) -> int:
     """A 63-bit seed for one episode's turn, independent of batching."""
     return int(np.random.SeedSequence([seed, episode, turn]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def message_images(messages: Sequence[Mapping[str, Any]]) -> list[tuple[Any, Any]]:
-    """``(PIL image, ViewInfo)`` of every image part of ``messages``, in order."""
-    return [
-        (part["image"], part.get("view"))
-        for message in messages
-        if not isinstance(message["content"], str)
-        for part in message["content"]
-        if part.get("type") == "image"
-    ]
 
 
 class _Episode:
@@ -71,6 +66,7 @@ class _Episode:
         self.actions: list[str] = []
         self.finish_reasons: list[str] = []
         self.n_messages = 0
+        self.observation: list[dict[str, Any]] = []  # the chat so far (what a text agent acts on)
         self.reward = 0.0
         self.terminated = self.truncated = self.context_truncated = False
         self.done = False
@@ -82,9 +78,48 @@ class _Episode:
         self.logps += list(logps) if logps is not None else [0.0] * len(ids)
 
     def add_images(self, messages: Sequence[Mapping[str, Any]]) -> None:
-        for image, view in message_images(messages):
-            self.images.append(image)
-            self.grids.append(tuple(view.grid_thw))
+        self.images += message_images(messages)
+        self.grids += [tuple(view.grid_thw) for view in message_views(messages)]
+
+    def step(self, action: str) -> list[dict[str, Any]] | None:
+        """Steps the env with one action text: the env's reply message, or None when the episode ended."""
+        self.actions.append(action)
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.infos.append(info)
+        self.reward = float(reward)
+        if terminated or truncated:
+            self.terminated, self.truncated, self.done = bool(terminated), bool(truncated), True
+            return None
+        # obs = messages seen so far + the assistant message (our action) + the env's reply.
+        reply = obs[self.n_messages + 1 :]
+        if len(reply) != 1 or reply[0].get("role") != "user":
+            raise RuntimeError(f"episode {self.index}: expects the env to reply with one user message, actual: {reply!r}")
+        self.observation = obs
+        return reply
+
+    def show(self, messages: Sequence[Mapping[str, Any]], observation: Sequence[Mapping[str, Any]]) -> None:
+        """Records what the env showed (its images) and how long the chat now is."""
+        self.add_images(messages)
+        self.n_messages = len(observation)
+
+
+def _make_episodes(samples: Sequence[Any], group_size: int, make_env: Callable[[Any], Any]) -> list[_Episode]:
+    if group_size < 1:
+        raise ValueError(f"Expects group_size >= 1, actual: {group_size!r}")
+    return [_Episode(b * group_size + g, b, sample, make_env(sample))
+            for b, sample in enumerate(samples) for g in range(group_size)]
+
+
+def _reset(ep: _Episode, seed: int | None) -> list[dict[str, Any]]:
+    obs, info = ep.env.reset(seed=None if seed is None else seed + ep.index, options={"sample": ep.sample})
+    ep.infos.append(info)
+    ep.observation = obs
+    return obs
+
+
+def _progress(episodes: Sequence[_Episode], progress: bool | None) -> Any:
+    show = progress if progress is not None else len(episodes) >= 64
+    return tqdm(total=len(episodes), desc="rollout", unit="episode", disable=not show)
 
 
 def run_rollouts(
@@ -116,33 +151,23 @@ def run_rollouts(
         env_kwargs: extra ``gymnasium.make`` options when ``env`` is an id.
         progress: show a tqdm bar (``None``: when there are 64 episodes or more).
     """
-    if group_size < 1:
-        raise ValueError(f"Expects group_size >= 1, actual: {group_size!r}")
     if context_budget is not None and context_budget < 1:
         raise ValueError(f"Expects context_budget >= 1 or None, actual: {context_budget!r}")
     if not sampling.stop_token_ids:
         sampling = dataclasses.replace(sampling, stop_token_ids=tuple(adapter.eos_ids))
     version = backend.weight_version if weight_version is None else int(weight_version)
-    make_env = _env_factory(env, adapter, env_kwargs or {})
-    episodes = [
-        _Episode(b * group_size + g, b, sample, make_env(sample))
-        for b, sample in enumerate(samples)
-        for g in range(group_size)
-    ]
+    make_env = _as_factory(env, env_kwargs, view_budget=adapter.view_budget(), coord_frame=adapter.coord_frame)
+    episodes = _make_episodes(samples, group_size, make_env)
     budget = context_budget if context_budget is not None else float("inf")
-    show = progress if progress is not None else len(episodes) >= 64
-    bar = tqdm(total=len(episodes), desc="rollout", unit="episode", disable=not show)
+    bar = _progress(episodes, progress)
     for ep in episodes:
-        seed = None if sampling.seed is None else sampling.seed + ep.index
-        obs, info = ep.env.reset(seed=seed, options={"sample": ep.sample})
-        ep.infos.append(info)
+        obs = _reset(ep, sampling.seed)
         ids = list(adapter.encode_prefix(obs))
         if len(ids) >= budget:
             _end_by_context(ep)
         else:
             ep.append(ids)
-            ep.add_images(obs)
-            ep.n_messages = len(obs)
+            ep.show(obs, obs)
         if ep.done:
             bar.update(1)
 
@@ -168,50 +193,102 @@ def run_rollouts(
     return [_trajectory(ep, adapter, version) for ep in episodes]
 
 
-def _env_factory(env: EnvSpec, adapter: Any, env_kwargs: Mapping[str, Any]) -> Callable[[Any], Any]:
-    if callable(env):
-        return env
-    if not isinstance(env, str):
-        raise TypeError(f"Expects an env id or a factory sample -> env, actual: {env!r}")
+def play_episodes(
+    agent: Any,
+    samples: Sequence[Any],
+    group_size: int = 1,
+    env: EnvSpec = DEFAULT_ENV_ID,
+    *,
+    seed: int | None = None,
+    env_kwargs: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
+) -> list[Trajectory]:
+    """Plays ``len(samples) * group_size`` episodes of an agent that acts on text.
+
+    Every round, the running episodes' chats and infos go to ``agent.act`` in one batch (the
+    `agents.base.Agent` protocol); group ids, sample ids and env seeds are those of `run_rollouts`.
+    The trajectories carry no token ids (``length == 0``, ``weight_version == 0``).
+
+    Args:
+        agent: anything with ``act(observations, infos) -> list[str]`` (e.g. ``agents.OracleAgent()``).
+        samples: ``B`` dataset samples.
+        group_size: ``G`` episodes per sample.
+        env: an env id (``gymnasium.make(id, dataset=[sample], **env_kwargs)``) or a factory ``sample -> env``.
+        seed: env resets use ``seed + episode index`` (None: unseeded).
+        env_kwargs: ``gymnasium.make`` options when ``env`` is an id (``view_budget``, ``coord_frame``, ...).
+        progress: show a tqdm bar (``None``: when there are 64 episodes or more).
+    """
+    episodes = _make_episodes(samples, group_size, _as_factory(env, env_kwargs))
+    bar = _progress(episodes, progress)
+    for ep in episodes:
+        obs = _reset(ep, seed)
+        ep.show(obs, obs)
+    while active := [ep for ep in episodes if not ep.done]:
+        actions = agent.act([ep.observation for ep in active], [ep.infos[-1] for ep in active])
+        if len(actions) != len(active):
+            raise RuntimeError(f"Expects {len(active)} actions from the agent, actual: {len(actions)}")
+        for ep, action in zip(active, actions):
+            reply = ep.step(action)
+            if reply is None:
+                bar.update(1)
+            else:
+                ep.show(reply, ep.observation)
+    bar.close()
+    for ep in episodes:
+        ep.env.close()
+    return [_trajectory(ep, None, 0) for ep in episodes]
+
+
+def env_factory(
+    env_id: str,
+    env_kwargs: Mapping[str, Any] | None = None,
+    *,
+    view_budget: Any = None,
+    coord_frame: str | None = None,
+    render: bool = False,
+) -> Callable[[Any], Any]:
+    """``sample -> gymnasium.make(env_id, dataset=[sample], **options)``: one fresh env per episode.
+
+    Args:
+        env_id: a registered id.
+        env_kwargs: ``gymnasium.make`` options (``max_turns``, ``prompts``, ``resample``, ...).
+        view_budget, coord_frame: the agent's (an LMM agent's processor fixes both); ``env_kwargs`` may
+            still set either. None leaves the env's default.
+        render: make envs with ``render_mode="rgb_array"``.
+    """
+    if not isinstance(env_id, str):
+        raise TypeError(f"Expects an env id, actual: {env_id!r}")
     import gymnasium
+
     from zoomgym import envs  # noqa: F401  (registers the zoomgym ids)
 
-    def make(sample: Any) -> Any:
-        return gymnasium.make(
-            env,
-            dataset=[sample],
-            view_budget=adapter.view_budget(),
-            coord_frame=adapter.coord_frame,
-            **env_kwargs,
-        )
+    agent_view = {"view_budget": view_budget, "coord_frame": coord_frame}
+    options = {**{k: v for k, v in agent_view.items() if v is not None}, **(env_kwargs or {})}
+    if render:
+        options["render_mode"] = "rgb_array"
+    return lambda sample: gymnasium.make(env_id, dataset=[sample], **options)
 
-    return make
+
+def _as_factory(env: EnvSpec, env_kwargs: Mapping[str, Any] | None, **options: Any) -> Callable[[Any], Any]:
+    if callable(env):
+        return env
+    return env_factory(env, env_kwargs, **options)
 
 
 def _advance(ep: _Episode, gen: Generation, adapter: Any, budget: float) -> None:
     """Records one generated turn, steps the env, and appends its reply if it fits."""
     ep.append(gen.token_ids, gen.logprobs)
     ep.finish_reasons.append(gen.finish_reason)
-    action = decode_text(adapter, gen.token_ids)
-    ep.actions.append(action)
-    obs, reward, terminated, truncated, info = ep.env.step(action)
-    ep.infos.append(info)
-    ep.reward = float(reward)
-    if terminated or truncated:
-        ep.terminated, ep.truncated, ep.done = bool(terminated), bool(truncated), True
+    reply = ep.step(decode_text(adapter, gen.token_ids))
+    if reply is None:
         return
-    # obs = messages seen so far + the assistant message (our action) + the env's reply.
-    reply = obs[ep.n_messages + 1 :]
-    if len(reply) != 1 or reply[0].get("role") != "user":
-        raise RuntimeError(f"episode {ep.index}: expects the env to reply with one user message, actual: {reply!r}")
     ended_turn = bool(gen.token_ids) and gen.token_ids[-1] == adapter.end_of_turn_id
     ids = list(adapter.encode_env_turn(reply[0], ended_turn))
     if len(ep.ids) + len(ids) >= budget:
         _end_by_context(ep)
         return
     ep.append(ids)
-    ep.add_images(reply)
-    ep.n_messages = len(obs)
+    ep.show(reply, ep.observation)
 
 
 def _end_by_context(ep: _Episode) -> None:
@@ -221,9 +298,11 @@ def _end_by_context(ep: _Episode) -> None:
 
 
 def _trajectory(ep: _Episode, adapter: Any, version: int) -> Trajectory:
+    """The episode as a `Trajectory`; ``adapter`` None for a text agent's episode (no token ids)."""
     input_ids = torch.tensor(ep.ids, dtype=torch.long)
     grid = torch.tensor(ep.grids, dtype=torch.long).reshape(-1, 3)
-    adapter.check_placeholders(input_ids, grid)  # pitfall 1: each image's pad run == its grid's tokens
+    if adapter is not None:
+        adapter.check_placeholders(input_ids, grid)  # each image's pad run == its grid's tokens
     return Trajectory(
         input_ids=input_ids,
         loss_mask=torch.tensor(ep.mask, dtype=torch.long),

@@ -14,24 +14,8 @@ from typing import Any
 import numpy as np
 from zoomgym.envs.data.sample import LETTERS, Sample
 from zoomgym.envs.geometry import Box, Coords, clamp_box, get_frame, grow_box
-from zoomgym.envs.spaces import Chat
+from zoomgym.envs.spaces import Chat, count_crops, last_view
 from zoomgym.envs.views import ViewInfo
-
-
-def last_view(chat: Chat) -> ViewInfo:
-    """Provenance of the image shown last in ``chat``: the frame the next box is written in."""
-    for message in reversed(chat):
-        for part in reversed(message["content"]):
-            if part["type"] == "image":
-                return part["view"]
-    raise ValueError("Expects a chat with at least one image, actual: none")
-
-
-def count_crops(chat: Chat) -> int:
-    """How many crops the env has shown in ``chat`` (zooms taken)."""
-    return sum(
-        1 for message in chat for part in message["content"] if part["type"] == "image" and part["view"].kind == "crop"
-    )
 
 
 def view_factor(view: ViewInfo) -> float:

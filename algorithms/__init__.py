@@ -25,51 +25,30 @@ registers it, e.g. ``zoomgym train CONFIG --import my_algos``).
 
 from __future__ import annotations
 
-import difflib
-import importlib
-from collections.abc import Callable
 from typing import Any
+
+from zoomgym.registry import Registry
 
 __all__ = ["ALGORITHMS", "get", "make", "register"]
 
-# name -> class, or "module:Class" for the built-ins so that importing this package imports no torch.
-ALGORITHMS: dict[str, type | str] = {
-    "grpo": "zoomgym.algorithms.grpo:GRPO",
-    "mgpo": "zoomgym.algorithms.mgpo:MGPO",
-}
+ALGORITHMS: Registry[type] = Registry("algorithm")
+"""Algorithm name -> class (``"module:Class"`` for the built-ins, so importing this package imports no torch)."""
+ALGORITHMS.register("grpo", "zoomgym.algorithms.grpo:GRPO")
+ALGORITHMS.register("mgpo", "zoomgym.algorithms.mgpo:MGPO")
 
 
-def register(name: str) -> Callable[[type], type]:
+def register(name: str) -> Any:
     """Class decorator adding an algorithm under ``name``; a taken name raises ``ValueError``.
 
     The class is built as ``cls(agent=..., config=..., env_id=...)`` by :func:`make` and must offer
     ``learn(num_steps) -> self``; subclassing :class:`algorithms.grpo.GRPO` gives both.
     """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"Expects a non-empty string as algorithm name, actual: {name!r}")
-
-    def decorator(cls: type) -> type:
-        if name in ALGORITHMS:
-            raise ValueError(f"Expects a new algorithm name, actual: {name!r} is already registered")
-        ALGORITHMS[name] = cls
-        return cls
-
-    return decorator
+    return ALGORITHMS.register(name)
 
 
 def get(name: str) -> type:
     """The class registered as ``name`` (imports a built-in on first use)."""
-    if name not in ALGORITHMS:
-        known = sorted(ALGORITHMS)
-        close = difflib.get_close_matches(str(name), known, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Expects an algorithm name in {known}, actual: {name!r}.{hint}")
-    entry = ALGORITHMS[name]
-    if isinstance(entry, str):
-        module, _, attr = entry.partition(":")
-        entry = getattr(importlib.import_module(module), attr)
-        ALGORITHMS[name] = entry
-    return entry
+    return ALGORITHMS.lookup(name)
 
 
 def make(name: str, **kwargs: Any) -> Any:

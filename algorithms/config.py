@@ -20,17 +20,19 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import inspect
 import re
 import textwrap
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+from zoomgym.registry import suggest
 
 # ----------------------------------------------------------------------------------------------------------
 # The schema
@@ -116,11 +118,33 @@ class EnvConfig:
 
 
 @dataclass
+class HFBackendConfig:
+    """Settings of the "hf" backend (``agents.backends.hf.HFBackend``)."""
+
+    max_batch_size: int | None = None
+    """Episodes per generation forward; None generates every running episode in one batch."""
+
+
+@dataclass
+class VLLMBackendConfig:
+    """Settings of the "vllm" backend (``agents.backends.vllm.VLLMBackend``); the engine's dtype is
+    model.dtype, its image limit the env's image budget and its context rollout.max_context_tokens."""
+
+    gpu_memory_utilization: float = 0.6
+    """Fraction of GPU memory for weights and KV cache (the rest is left to training)."""
+    tensor_parallel_size: int = 1
+    """GPUs per engine."""
+    enable_sleep_mode: bool = True
+    """Let the engine hand its GPU memory to the trainer during each update (colocated training)."""
+
+
+@dataclass
 class RolloutConfig:
     """Sampling of training episodes."""
 
-    backend: Literal["hf", "vllm"] = "hf"
-    """Generation engine: "hf" (transformers, CPU or GPU, shares the trained model) or "vllm" (GPU)."""
+    backend: str = "hf"
+    """Generation engine, a name in agents.backends.BACKENDS: "hf" (transformers, CPU or GPU, shares the
+    trained model) or "vllm" (GPU); its settings are the section of the same name below."""
     group_size: int = 8
     """G: rollouts per prompt; advantages are normalised within each group."""
     temperature: float = 1.0
@@ -131,10 +155,10 @@ class RolloutConfig:
     """Maximum tokens the model may generate in one turn."""
     max_context_tokens: int | None = None
     """Context budget of a whole episode; whole turns are dropped beyond it. None: the model's limit."""
-    vllm_gpu_memory_utilization: float = 0.6
-    """vLLM: fraction of GPU memory for weights and KV cache (the rest is left to training)."""
-    vllm_tensor_parallel_size: int = 1
-    """vLLM: GPUs per engine."""
+    hf: HFBackendConfig = field(default_factory=HFBackendConfig)
+    """The "hf" backend's settings."""
+    vllm: VLLMBackendConfig = field(default_factory=VLLMBackendConfig)
+    """The "vllm" backend's settings."""
 
 
 @dataclass
@@ -143,6 +167,12 @@ class AlgorithmConfig:
 
     name: str = "mgpo"
     """A registered algorithm: "mgpo" (multi-turn grounding), "grpo" (single-turn answers) or your own."""
+    advantage: str = "grpo"
+    """Advantage estimator, a name in algorithms.core.ADVANTAGES ("grpo": group-normalised rewards, or
+    one registered with @register_advantage)."""
+    policy_loss: str = "ppo_clip"
+    """Policy loss, a name in algorithms.core.POLICY_LOSSES ("ppo_clip", or one registered with
+    @register_policy_loss)."""
     ppo_epochs: int = 1
     """Passes over each step's batch."""
     clip_low: float = 0.2
@@ -155,7 +185,8 @@ class AlgorithmConfig:
     """Loss aggregation: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum" or
     "seq-mean-token-sum-norm" (Dr.GRPO: use it with norm_adv_by_std=false)."""
     norm_adv_by_std: bool = True
-    """Divide group-centred rewards by the group std (GRPO); false gives Dr.GRPO's mean-centring."""
+    """Divide group-centred rewards by the group std (GRPO); false gives Dr.GRPO's mean-centring (passed
+    to the advantage estimator as norm_by_std)."""
     kl_coef: float = 0.01
     """Coefficient of the KL loss to the frozen reference policy (the paper: 0.01); 0 skips the reference."""
     kl_kind: str = "low_var_kl"
@@ -364,11 +395,6 @@ def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"config key {key!r}: expects {_type_name(tp)}, actual: {value!r} ({type(value).__name__})")
 
 
-def _suggest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
-
-
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -377,7 +403,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             raise ValueError(
-                f"Expects a known config key, actual: unknown key {dotted!r}.{_suggest(str(key), names)} "
+                f"Expects a known config key, actual: unknown key {dotted!r}.{suggest(str(key), names)} "
                 f"Keys of {prefix or 'the config'}: {', '.join(names)}"
             )
         kwargs[key] = _convert(value, hints[key], dotted)
@@ -410,7 +436,7 @@ def _field_type(dotted: str) -> Any:
         if part not in hints:
             where = ".".join(walked) or "the config"
             raise ValueError(
-                f"Expects a known config key, actual: unknown key {dotted!r}.{_suggest(part, list(hints))} "
+                f"Expects a known config key, actual: unknown key {dotted!r}.{suggest(part, list(hints))} "
                 f"Keys of {where}: {', '.join(hints)}"
             )
         walked.append(part)
@@ -515,7 +541,6 @@ RUN_CONFIG_FILE = "config.yaml"
 """The resolved config's file name inside a run directory."""
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-TINY_SIZES = ("1m", "10m", "50m")
 
 
 def validate(cfg: Config) -> None:
@@ -594,10 +619,12 @@ def validate(cfg: Config) -> None:
 def _validate_lora(cfg: Config) -> None:
     if not cfg.model.lora.enabled:
         return
-    if cfg.rollout.backend == "vllm":
+    from zoomgym.agents.backends import BACKENDS
+
+    if not BACKENDS.lookup(cfg.rollout.backend).shares_model:
         raise ValueError(
-            "config keys 'model.lora.enabled' and 'rollout.backend': expects the hf backend with LoRA (the "
-            "adapters are not merged into vLLM's weights), actual: vllm"
+            "config keys 'model.lora.enabled' and 'rollout.backend': expects a backend that samples with the "
+            f"trained model itself (hf) with LoRA, actual: {cfg.rollout.backend}"
         )
     import importlib.util
 
@@ -609,40 +636,44 @@ def _validate_lora(cfg: Config) -> None:
 
 
 def _validate_names(cfg: Config) -> None:
+    from zoomgym.agents.backends import BACKENDS
+    from zoomgym.algorithms import core
+
     from zoomgym import algorithms
 
-    if cfg.algorithm.name not in algorithms.ALGORITHMS:
-        names = sorted(algorithms.ALGORITHMS)
-        raise ValueError(
-            f"config key 'algorithm.name': expects one of {names}, actual: {cfg.algorithm.name!r}."
-            f"{_suggest(cfg.algorithm.name, names)}"
-        )
-    _check_core_name("algorithm.loss_agg", cfg.algorithm.loss_agg, "AGGREGATIONS")
-    _check_core_name("algorithm.kl_kind", cfg.algorithm.kl_kind, "KL_ESTIMATORS")
+    a = cfg.algorithm
+    _check_name("algorithm.name", a.name, algorithms.ALGORITHMS)
+    _check_name("algorithm.advantage", a.advantage, core.ADVANTAGES)
+    _check_name("algorithm.policy_loss", a.policy_loss, core.POLICY_LOSSES)
+    _check_name("algorithm.loss_agg", a.loss_agg, core.AGGREGATIONS)
+    _check_name("algorithm.kl_kind", a.kl_kind, core.KL_ESTIMATORS)
+    _check_name("rollout.backend", cfg.rollout.backend, BACKENDS)
     if cfg.env.id is not None:
         import gymnasium
+
         from zoomgym import envs  # noqa: F401 - registers the zoomgym ids
 
         if cfg.env.id not in gymnasium.registry:
             ids = sorted(k for k in gymnasium.registry if k.startswith("zoomgym/"))
             raise ValueError(
                 f"config key 'env.id': expects a registered id such as {ids}, actual: {cfg.env.id!r}."
-                f"{_suggest(cfg.env.id, ids)}"
+                f"{suggest(cfg.env.id, ids)}"
             )
 
 
-def _check_core_name(key: str, value: str, registry_name: str) -> None:
-    from zoomgym.algorithms import core
-
-    registry = getattr(core, registry_name)
+def _check_name(key: str, value: str, registry: Mapping[str, Any]) -> None:
     if value not in registry:
         names = sorted(registry)
-        raise ValueError(f"config key {key!r}: expects one of {names}, actual: {value!r}.{_suggest(value, names)}")
+        raise ValueError(f"config key {key!r}: expects one of {names}, actual: {value!r}.{suggest(value, names)}")
 
 
 def _validate_model_path(model: ModelConfig) -> None:
+    from zoomgym.agents.models.tiny import TINY_SIZES
+
     if model.build_tiny is not None and model.build_tiny not in TINY_SIZES:
-        raise ValueError(f"config key 'model.build_tiny': expects one of {TINY_SIZES} or null, actual: {model.build_tiny!r}")
+        raise ValueError(
+            f"config key 'model.build_tiny': expects one of {list(TINY_SIZES)} or null, actual: {model.build_tiny!r}"
+        )
     path = Path(model.path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -668,7 +699,7 @@ def _validate_datasets(data: DataConfig) -> None:
         if spec.name not in DATASETS:
             names = sorted(DATASETS)
             raise ValueError(
-                f"config key '{key}.name': expects one of {names}, actual: {spec.name!r}.{_suggest(spec.name, names)}"
+                f"config key '{key}.name': expects one of {names}, actual: {spec.name!r}.{suggest(spec.name, names)}"
             )
         if spec.path is not None and not Path(spec.path).expanduser().exists():
             raise ValueError(f"config key '{key}.path': expects an existing file or folder, actual: {spec.path!r} does not exist")

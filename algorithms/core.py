@@ -1,14 +1,17 @@
 """The pure maths of GRPO/MGPO: advantages, policy losses, KL estimators and loss aggregation.
 
 Every function here is a small torch function with its hyperparameters as explicit arguments (no config
-objects) and its formula in the docstring. The pluggable parts live in four registries, selected by name
-from a config:
+objects) and its formula in the docstring. The pluggable parts live in four registries, each selected
+by name from a config key (the trainer, `algorithms.ppo`, calls them with these arguments):
 
-- ``ADVANTAGES``: ``fn(rewards (N,), group_ids (N,), **options) -> advantages (N,)``.
-- ``POLICY_LOSSES``: ``fn(logp, old_logp, advantages, mask, **options) -> (loss, stats)``.
-- ``KL_ESTIMATORS``: ``fn(logp (N, T), ref_logp (N, T)) -> per-token KL (N, T)``.
-- ``AGGREGATIONS``: ``fn(loss_mat (N, T), mask (N, T), norm_length) -> (total, count)``; the loss is
-  ``total / count`` (see :func:`agg_loss`).
+- ``ADVANTAGES`` (``algorithm.advantage``): ``fn(rewards (N,), group_ids (N,), *, norm_by_std) ->
+  advantages (N,)``, ``norm_by_std`` from ``algorithm.norm_adv_by_std``.
+- ``POLICY_LOSSES`` (``algorithm.policy_loss``): ``fn(logp, old_logp, advantages, mask, *, clip_low,
+  clip_high, clip_ratio_c, is_weights, agg, norm_length, denominator) -> (loss, stats)``, the
+  signature of :func:`policy_loss`.
+- ``KL_ESTIMATORS`` (``algorithm.kl_kind``): ``fn(logp (N, T), ref_logp (N, T)) -> per-token KL (N, T)``.
+- ``AGGREGATIONS`` (``algorithm.loss_agg``): ``fn(loss_mat (N, T), mask (N, T), norm_length) ->
+  (total, count)``; the loss is ``total / count`` (see :func:`agg_loss`).
 
 Add one with a decorator (``@register_advantage("my_adv")``); a duplicate name raises. Look one up with
 ``get_advantage(name)`` and friends; an unknown name raises ``ValueError`` listing the known names.
@@ -26,24 +29,22 @@ mismatch (F. Yao et al., "Your efficient RL framework secretly brings you off-po
 
 from __future__ import annotations
 
-import difflib
 import math
-from collections.abc import Callable, Iterator, Mapping
-from typing import Generic, TypeVar
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from zoomgym.registry import Registry
 
 __all__ = [
     "ADVANTAGES",
     "AGGREGATIONS",
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
-    "Registry",
     "agg_denominator",
     "agg_loss",
     "dynamic_sampling_keep",
-    "entropy_from_logits",
     "get_advantage",
     "get_aggregation",
     "get_kl_estimator",
@@ -60,8 +61,6 @@ __all__ = [
     "truncated_is_weights",
 ]
 
-F = TypeVar("F", bound=Callable)
-
 # exp() of a log-ratio beyond this overflows float32/bf16 to inf; PPO clipping makes such tokens
 # irrelevant to the gradient anyway, so clamping only protects the statistics from inf/NaN.
 _MAX_LOG_RATIO = 20.0
@@ -70,60 +69,6 @@ _MAX_LOG_RATIO = 20.0
 # --------------------------------------------------------------------------------------------------
 # Registries
 # --------------------------------------------------------------------------------------------------
-
-
-class Registry(Mapping[str, F], Generic[F]):
-    """A name -> function mapping filled by a decorator.
-
-    ``registry.register(name)`` returns a decorator that adds the function under ``name`` and raises
-    ``ValueError`` if the name is taken. ``registry.lookup(name)`` returns the function or raises
-    ``ValueError`` listing the known names with a "did you mean" suggestion. As a ``Mapping`` it
-    iterates over names (``sorted(ADVANTAGES)``) and ``registry[name]`` is plain dict access.
-
-    Args:
-        kind: what the registry holds, used in error messages ("advantage estimator").
-    """
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self._entries: dict[str, F] = {}
-
-    def register(self, name: str) -> Callable[[F], F]:
-        """Decorator that registers a function under ``name`` (must be new)."""
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"Expects a non-empty string as {self.kind} name, actual {name!r}")
-
-        def decorator(fn: F) -> F:
-            if name in self._entries:
-                raise ValueError(
-                    f"Expects a new {self.kind} name, actual {name!r} is already registered "
-                    f"to {self._entries[name].__qualname__}"
-                )
-            self._entries[name] = fn
-            return fn
-
-        return decorator
-
-    def lookup(self, name: str) -> F:
-        """The function registered as ``name``; ``ValueError`` naming the known ones otherwise."""
-        if name in self._entries:
-            return self._entries[name]
-        known = sorted(self._entries)
-        close = difflib.get_close_matches(str(name), known, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Expects {self.kind} name in {known}, actual {name!r}.{hint}")
-
-    def __getitem__(self, name: str) -> F:
-        return self._entries[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __repr__(self) -> str:
-        return f"Registry({self.kind!r}, {sorted(self._entries)})"
 
 
 ADVANTAGES: Registry[Callable[..., Tensor]] = Registry("advantage estimator")
@@ -223,16 +168,20 @@ def group_advantages(
         A_i    =  r_i - mean_g                       otherwise           (Dr.GRPO)
 
     The unbiased std is what the reference (verl, ``torch.std``) uses. A group whose rewards are all
-    equal gets ``A = 0`` for every member. A group of one rollout has no peer to compare with: we give
-    it ``A = 0`` (its mean is its own reward; its std is taken as 0). verl instead sets mean 0 and std 1
-    for singletons, i.e. ``A = r``, which rewards a lone rollout as if the baseline were 0.
+    equal gets ``A = 0`` for every member, exactly, whatever the value: the mean is taken of
+    ``r_j - min_g r`` (all 0 in such a group) and the minimum added back, so no rounding step is left
+    over (verl's plain float32 mean of seven rewards of 0.7 is off by one rounding step, and divided by
+    a std of ~6e-8 that gives every member A = +0.056). A group of one rollout has no peer to compare
+    with: we give it ``A = 0`` (its mean is its own reward; its std is taken as 0). verl instead sets
+    mean 0 and std 1 for singletons, i.e. ``A = r``, which rewards a lone rollout as if the baseline
+    were 0.
 
     Args:
         rewards: (N,) scalar reward per trajectory; ints are cast to float32.
         group_ids: (N,) integer group of each trajectory; any values, not necessarily contiguous or
             sorted.
         norm_by_std: divide by the group std (GRPO); False gives plain mean-centring (Dr.GRPO).
-        eps: added to the std so that a zero-variance group does not divide by 0.
+        eps: added to the std so that a zero-variance group does not divide 0 by 0; must be > 0.
 
     Returns:
         (N,) advantages, one per trajectory (the caller broadcasts them to the trajectory's tokens).
@@ -240,6 +189,8 @@ def group_advantages(
     Ref: DeepSeekMath (arXiv 2402.03300) section 4.1.2; Dr.GRPO (arXiv 2503.20783).
     """
     _check_groups(rewards, group_ids)
+    if not eps > 0:
+        raise ValueError(f"Expects eps > 0 (a group of equal rewards has std 0, and 0 / 0 is NaN), actual {eps}")
     if not rewards.dtype.is_floating_point:
         rewards = rewards.float()
     _, group = torch.unique(group_ids, return_inverse=True)  # (N,) contiguous 0..num_groups-1
@@ -247,8 +198,11 @@ def group_advantages(
     count = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device).index_add_(
         0, group, torch.ones_like(rewards)
     )
-    total = torch.zeros_like(count).index_add_(0, group, rewards)
-    centred = rewards - (total / count)[group]
+    # Shifted by the group minimum: a group of equal rewards sums exact zeros, so its mean is exact.
+    low = torch.empty_like(count).scatter_reduce(0, group, rewards, reduce="amin", include_self=False)
+    shifted = rewards - low[group]
+    total = torch.zeros_like(count).index_add_(0, group, shifted)
+    centred = shifted - (total / count)[group]
     if not norm_by_std:
         return centred
     # Two-pass variance (sum of squared deviations), stable where sum(r^2) - n*mean^2 is not.
@@ -598,7 +552,7 @@ def logprob_gap_stats(logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> dict[
 
 
 # --------------------------------------------------------------------------------------------------
-# KL penalty and entropy
+# KL penalty
 # --------------------------------------------------------------------------------------------------
 
 
@@ -646,25 +600,3 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "low_var_kl") -> Tens
     """
     _check_same_shape("ref_logp", ref_logp, "logp", logp)
     return get_kl_estimator(kind)(logp, ref_logp.detach())
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the softmax distribution over the last dimension, per position.
-
-    ``H(z) = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v`` with ``p = softmax(z)``, which never
-    evaluates ``log 0`` and is stable for large or ``-inf`` logits (a masked vocabulary entry,
-    ``z_v = -inf``, contributes 0). Computed in ``logits``' dtype: pass float32 logits for exact
-    values from a bf16 model.
-
-    Args:
-        logits: (..., V) unnormalised scores, e.g. (N, T, V).
-
-    Returns:
-        (...) entropies in nats, e.g. (N, T), differentiable.
-    """
-    probs = torch.softmax(logits, dim=-1)
-    # p * z with p = 0 and z = -inf is NaN in IEEE (and so would be its gradient through a where());
-    # such entries contribute 0 to the expectation, so their logit is replaced by 0 before multiplying.
-    finite_logits = logits.masked_fill(probs == 0, 0.0)
-    expected_logit = (probs * finite_logits).sum(-1)
-    return torch.logsumexp(logits, dim=-1) - expected_logit

@@ -44,8 +44,9 @@ CPU_BUDGET = {"min_pixels": 168 * 168, "max_pixels": 224 * 224}  # the `cpu` pre
 def measure(builds: int, cpu_items: int, default_items: int) -> dict[str, float]:
     """One variant's numbers (seconds per env or per item; bytes)."""
     import gymnasium
-    from zoomgym import envs  # noqa: F401  (registers the ids)
     from zoomgym.envs.data import clear_image_cache, load_image, synthetic
+
+    from zoomgym import envs  # noqa: F401  (registers the ids)
 
     samples = synthetic(2, seed=0, preset="cpu")
     gymnasium.make("zoomgym/ZoomEnv-v0", dataset=samples, view_budget=CPU_BUDGET).reset(seed=0)  # warm-up

@@ -30,10 +30,11 @@ from pathlib import Path
 import gymnasium
 import numpy as np
 from PIL import Image
-from zoomgym import envs  # noqa: F401  (registers the zoomgym ids)
 from zoomgym.agents.scripted import OracleAgent
 from zoomgym.envs.data import Sample, clear_image_cache, image_cache_info, set_image_cache_capacity
 from zoomgym.envs.geometry import Box
+
+from zoomgym import envs  # noqa: F401  (registers the zoomgym ids)
 
 SIZES = {"4k": (3840, 2160), "8k": (7680, 4320)}
 

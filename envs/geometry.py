@@ -7,14 +7,21 @@ A box the model writes is in a *frame* (`FRAMES`) relative to the image shown la
 happens at one boundary: frame -> shown pixels (``get_frame(name).to_shown``) -> original pixels
 (`region_to_original` through the view's region). A `Box` may also hold shown-image pixels
 (``info["box_shown"]``); the name of the variable says which.
+
+A frame is one registration: its converters and the sentence that tells the model how to write a box
+in it (the env's prompts use it; ``prompts={"frame_rules": {...}}`` may reword it per env)::
+
+    register_frame(Frame("norm100", to_shown=..., from_shown=...,
+                         prompt_rule="Write the box as [x1, y1, x2, y2] on a 0 to 100 scale ..."))
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+
+from zoomgym.registry import Registry
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,11 +123,14 @@ class Frame:
 
     Both converters are pure and linear in each coordinate:
     ``to_shown(coords, (w, h))`` gives shown-image pixels; ``from_shown`` is its inverse.
+    ``prompt_rule`` tells the model how to write a box in this frame; it may use ``{width}`` and
+    ``{height}`` of the image shown last (`envs.prompts.PromptTemplates.frame_rule`).
     """
 
     name: str
     to_shown: Callable[[Coords, Size], Coords]
     from_shown: Callable[[Coords, Size], Coords]
+    prompt_rule: str
 
 
 def _scale(coords: Coords, sx: float, sy: float) -> Coords:
@@ -148,32 +158,37 @@ def _shown_to_relative(coords: Coords, size: Size) -> Coords:
     return _scale(coords, 1.0 / size[0], 1.0 / size[1])
 
 
-FRAMES: dict[str, Frame] = {}
+FRAMES: Registry[Frame] = Registry("coordinate frame")
 """Registered frames by name: ``"qwen25"`` (absolute pixels of the smart-resized image shown, the
 Qwen2.5-VL convention), ``"norm1000"`` (0..1000 of the image shown, Qwen2-VL/Qwen3-VL) and
 ``"relative"`` (0..1 of the image shown)."""
 
 
 def register_frame(frame: Frame) -> Frame:
-    """Adds ``frame`` to `FRAMES`; a name may be registered once."""
-    if frame.name in FRAMES:
-        raise ValueError(f"Expects a new frame name, actual: {frame.name!r} is already registered")
-    FRAMES[frame.name] = frame
-    return frame
+    """Adds ``frame`` to `FRAMES` under its name; a name may be registered once."""
+    return FRAMES.register(frame.name, frame)
 
 
-register_frame(Frame("qwen25", to_shown=_identity, from_shown=_identity))
-register_frame(Frame("norm1000", to_shown=_norm1000_to_shown, from_shown=_shown_to_norm1000))
-register_frame(Frame("relative", to_shown=_relative_to_shown, from_shown=_shown_to_relative))
+register_frame(Frame(
+    "qwen25", to_shown=_identity, from_shown=_identity,
+    prompt_rule="Write the box as [x1, y1, x2, y2] in pixels of the most recent image, which is {width} pixels "
+                "wide and {height} pixels high; x counts from its left edge and y from its top edge.",
+))
+register_frame(Frame(
+    "norm1000", to_shown=_norm1000_to_shown, from_shown=_shown_to_norm1000,
+    prompt_rule="Write the box as [x1, y1, x2, y2] on a 0 to 1000 scale of the most recent image: 0 is its left "
+                "or top edge and 1000 its right or bottom edge, whatever its size in pixels.",
+))
+register_frame(Frame(
+    "relative", to_shown=_relative_to_shown, from_shown=_shown_to_relative,
+    prompt_rule="Write the box as [x1, y1, x2, y2] in fractions from 0 to 1 of the most recent image: 0 is its "
+                "left or top edge and 1 its right or bottom edge.",
+))
 
 
 def get_frame(name: str) -> Frame:
     """The registered frame called ``name``; unknown names raise ``ValueError`` with a suggestion."""
-    if name in FRAMES:
-        return FRAMES[name]
-    close = difflib.get_close_matches(str(name), FRAMES, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"Expects coord_frame in {sorted(FRAMES)}, actual: {name!r}.{hint}")
+    return FRAMES.lookup(name)
 
 
 def region_to_original(box_shown: Box, region: Box, shown_size: Size) -> Box:

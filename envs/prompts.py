@@ -7,8 +7,8 @@ a notice and the same image again) with the question, the choices and a request 
 
 Templates are ``str.format`` strings (literal braces doubled: ``\\boxed{{}}``). Placeholders:
 ``{question}``, ``{choices}`` (one `PromptTemplates.choice` line per option), ``{frame_rule}`` (how to
-write a box in the env's coordinate frame, from `PromptTemplates.frame_rules`, which may use
-``{width}`` and ``{height}`` of the image shown last).
+write a box in the env's coordinate frame: the frame's own ``prompt_rule`` unless
+`PromptTemplates.frame_rules` rewords it; it may use ``{width}`` and ``{height}`` of the image shown last).
 """
 
 from __future__ import annotations
@@ -19,23 +19,13 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from zoomgym.envs.data.sample import LETTERS
-from zoomgym.envs.geometry import Size
+from zoomgym.envs.geometry import FRAMES, Size
 
-FRAME_RULES: dict[str, str] = {
-    "qwen25": (
-        "Write the box as [x1, y1, x2, y2] in pixels of the most recent image, which is "
-        "{width} pixels wide and {height} pixels high; x counts from its left edge and y from its top edge."
-    ),
-    "norm1000": (
-        "Write the box as [x1, y1, x2, y2] on a 0 to 1000 scale of the most recent image: 0 is its "
-        "left or top edge and 1000 its right or bottom edge, whatever its size in pixels."
-    ),
-    "relative": (
-        "Write the box as [x1, y1, x2, y2] in fractions from 0 to 1 of the most recent image: 0 is its "
-        "left or top edge and 1 its right or bottom edge."
-    ),
-}
-"""How to write a box in each registered frame; overridable per frame."""
+
+def default_frame_rules() -> dict[str, str]:
+    """Each registered frame's own ``prompt_rule`` (`envs.geometry.FRAMES`), by frame name."""
+    return {name: frame.prompt_rule for name, frame in FRAMES.items()}
+
 
 _JSON_EXAMPLE = '```json\n[{{"bbox_2d": [x1, y1, x2, y2], "label": "key area"}}]\n```'
 
@@ -68,7 +58,8 @@ class PromptTemplates:
         direct_system: system message of DirectVQA.
         direct: DirectVQA's text after the image.
         choice: one option line.
-        frame_rules: frame name -> how to write a box in that frame.
+        frame_rules: frame name -> how to write a box in that frame (default: each registered frame's
+            ``prompt_rule``).
     """
 
     zoom_system: str = (
@@ -105,7 +96,7 @@ class PromptTemplates:
         "\\boxed{{}}."
     )
     choice: str = "({letter}) {text}"
-    frame_rules: Mapping[str, str] = field(default_factory=lambda: dict(FRAME_RULES))
+    frame_rules: Mapping[str, str] = field(default_factory=default_frame_rules)
 
     def __post_init__(self) -> None:
         for name, allowed in _PLACEHOLDERS.items():
@@ -122,7 +113,7 @@ class PromptTemplates:
             raise ValueError(f"Expects prompt keys in {sorted(known)}, actual unknown keys: {unknown}")
         values = dict(overrides)
         if "frame_rules" in values:
-            values["frame_rules"] = {**FRAME_RULES, **values["frame_rules"]}
+            values["frame_rules"] = {**default_frame_rules(), **values["frame_rules"]}
         return replace(cls(), **values)
 
     def choices(self, options: Sequence[str]) -> str:

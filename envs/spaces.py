@@ -20,7 +20,7 @@ per process: every env (one per episode in a trainer) gets its own at no cost.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from copy import deepcopy
 from typing import Any
 
@@ -29,7 +29,7 @@ from gymnasium.spaces import Space, Text, Tuple
 from gymnasium.vector.utils import batch_space, concatenate, create_empty_array, create_shared_memory
 from PIL import Image
 from zoomgym.envs.geometry import Box
-from zoomgym.envs.views import ViewInfo
+from zoomgym.envs.views import ViewBudget, ViewInfo
 
 Part = dict[str, Any]
 Message = dict[str, Any]
@@ -85,6 +85,33 @@ class ActionText(Text):
 
     def __repr__(self) -> str:
         return f"ActionText(max_length={self.max_length})"
+def _image_parts(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    # Hugging Face also allows a plain string as a message's content: it holds no image.
+    return [part for message in messages if not isinstance(message["content"], str)
+            for part in message["content"] if part.get("type") == "image"]
+
+
+def message_images(messages: Sequence[Mapping[str, Any]]) -> list[Image.Image]:
+    """The images of ``messages``, in the order their placeholders appear."""
+    return [part["image"] for part in _image_parts(messages)]
+
+
+def message_views(messages: Sequence[Mapping[str, Any]]) -> list[ViewInfo]:
+    """The `ViewInfo` of every image of ``messages``, in order."""
+    return [part["view"] for part in _image_parts(messages)]
+
+
+def last_view(chat: Sequence[Mapping[str, Any]]) -> ViewInfo:
+    """Provenance of the image shown last in ``chat``: the frame the next box is written in."""
+    views = message_views(chat)
+    if not views:
+        raise ValueError("Expects a chat with at least one image, actual: none")
+    return views[-1]
+
+
+def count_crops(chat: Sequence[Mapping[str, Any]]) -> int:
+    """How many crops the env has shown in ``chat`` (zooms taken)."""
+    return sum(1 for view in message_views(chat) if view.kind == "crop")
 
 
 class ChatSpace(Space[Chat]):
@@ -117,17 +144,18 @@ class ChatSpace(Space[Chat]):
         if mask is not None or probability is not None:
             raise NotImplementedError("ChatSpace.sample does not support masks or probabilities")
         rng = self.np_random
+        budget = ViewBudget()  # small images on the default patch grid
         n_turns = int(rng.integers(0, max(1, (self.max_messages - 1) // 2) + 1))
         chat: Chat = [{"role": "system", "content": [_text_part(rng)]}]
         for turn in range(n_turns):
-            width, height = (int(v) for v in rng.integers(1, 5, size=2) * 28)
+            width, height = (int(v) for v in rng.integers(1, 5, size=2) * budget.factor)
             pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
             view = ViewInfo(
                 sample_id=f"random-{turn}",
                 region=Box(0, 0, width, height),
                 shown_size=(width, height),
-                visual_tokens=(width // 28) * (height // 28),
-                grid_thw=(1, height // 14, width // 14),
+                visual_tokens=budget.visual_tokens(width, height),
+                grid_thw=budget.grid_thw(width, height),
                 kind="original",
             )
             image_part = {"type": "image", "image": Image.fromarray(pixels, "RGB"), "view": view}

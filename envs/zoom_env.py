@@ -112,7 +112,8 @@ class ZoomEnv(gym.Env[Chat, str]):
     purpose (a leak measurement, a resolution sweep, a speed benchmark), not for learning runs.
 
     Registered: ``zoomgym/ZoomEnv-v0`` (zoom, 2 turns), ``zoomgym/ZoomEnvMultiTurn-v0`` (zoom, 4
-    turns), ``zoomgym/DirectVQA-v0`` (direct, 1 turn).
+    turns), ``zoomgym/DirectVQA-v0`` (direct, 1 turn); `envs.episode_spec` reads an id's budgets.
+    A new protocol is a subclass overriding `turn_kind` (the kind of each turn), registered as an id.
 
     ## Example
     >>> import gymnasium as gym
@@ -219,13 +220,15 @@ class ZoomEnv(gym.Env[Chat, str]):
         self._visual_tokens = view.visual_tokens
         self._boxes: list[tuple[Box, bool]] = []
         self._crops: list[Any] = []
-        self._next = self._turn_kind(1)
-        if self.protocol == "direct":
-            system = self.prompts.render("direct_system")
-            text = self.prompts.render("direct", question=sample.question, choices=self.prompts.choices(sample.options))
+        self._next = self.turn_kind(1)
+        system = self.prompts.render("direct_system" if self.protocol == "direct" else "zoom_system")
+        question, choices, rule = sample.question, self.prompts.choices(sample.options), self._frame_rule(view)
+        if self._next == "ground":  # the choices come with the crop, after the box
+            text = self.prompts.render("ground", question=question, frame_rule=rule)
+        elif self._next == "ground_or_answer":
+            text = self.prompts.render("ground_or_answer", question=question, choices=choices, frame_rule=rule)
         else:
-            system = self.prompts.render("zoom_system")
-            text = self.prompts.render("ground", question=sample.question, frame_rule=self._frame_rule(view))
+            text = self.prompts.render("direct", question=question, choices=choices)
         self._messages: Chat = [_message("system", _text(system)), _message("user", _image(image, view), _text(text))]
         return self._observation(), self._info()
 
@@ -255,7 +258,7 @@ class ZoomEnv(gym.Env[Chat, str]):
             if not truncated:
                 self._show_next(box_original if reading.valid else None)
         self._done = terminated or truncated
-        self._next = None if self._done else self._turn_kind(self._turn + 1)
+        self._next = None if self._done else self.turn_kind(self._turn + 1)
         info = self._info(
             box_shown=reading.box_shown,
             box_original=box_original,
@@ -298,8 +301,18 @@ class ZoomEnv(gym.Env[Chat, str]):
             raise TypeError(f"Expects a Sample, actual: {type(sample).__name__}")
         return sample
 
-    def _turn_kind(self, turn: int) -> str:
-        """Kind of model turn number ``turn`` (1-based)."""
+    @classmethod
+    def episode_images(cls, max_turns: int) -> int:
+        """Images an episode of ``max_turns`` model turns can show: the first view, plus one per env reply
+        (a crop, or the fallback's image shown again), and the env replies after every turn but the last."""
+        return max_turns
+
+    def turn_kind(self, turn: int) -> str:
+        """Kind of model turn number ``turn`` (1-based): ``"ground"``, ``"ground_or_answer"`` or ``"answer"``.
+
+        The protocol's one hook: a subclass that overrides it (and is registered with Gymnasium) is a new
+        protocol; the first user turn's text and every later one follow the kinds it returns.
+        """
         if self.protocol == "direct":
             return "answer"
         if turn == 1:
@@ -343,7 +356,7 @@ class ZoomEnv(gym.Env[Chat, str]):
         self._last = (image, view)
         self._visual_tokens += view.visual_tokens
         choices = self.prompts.choices(sample.options)
-        if self._turn_kind(self._turn + 1) == "answer":
+        if self.turn_kind(self._turn + 1) == "answer":
             text = self.prompts.render("answer", question=sample.question, choices=choices)
         else:
             text = self.prompts.render(

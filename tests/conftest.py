@@ -54,3 +54,28 @@ def synthetic_budget(synthetic_cpu: list[Sample]) -> dict[str, int]:
         "patch_size": meta["patch_size"],
         "merge_size": meta["merge_size"],
     }
+
+
+class FakeLLM:
+    """Stands in for ``vllm.LLM`` where vLLM is absent: records how the engine was built."""
+
+    built: list[dict] = []
+
+    def __init__(self, **kwargs) -> None:
+        self.kwargs = kwargs
+        FakeLLM.built.append(kwargs)
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> type[FakeLLM]:
+    """A stub ``vllm`` module whose ``LLM`` records its arguments (``FakeLLM.built``, newest last)."""
+    import sys
+    import types
+
+    module = types.ModuleType("vllm")
+    module.LLM = FakeLLM
+    module.SamplingParams = dict
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the backend's setdefault leaves it as it was
+    FakeLLM.built = []
+    return FakeLLM

@@ -1,28 +1,23 @@
 """Generation engines behind one interface (`Backend`): ``hf`` (transformers) and ``vllm``.
 
-Importing this package imports neither torch nor vllm; the engines load on first use.
+``BACKENDS`` maps a name (``rollout.backend`` in a config, ``backend=`` of ``LMMAgent.from_pretrained``)
+to its class, imported on first use: importing this package imports neither torch nor vllm. Add one
+with ``register_backend("name", "my_package.my_backend:MyBackend")`` (see ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from zoomgym.agents.backends.base import Backend, FinishReason, Generation, GenerationRequest, SamplingParams
 
-BACKENDS: dict[str, str] = {
-    "hf": "zoomgym.agents.backends.hf:HFBackend",
-    "vllm": "zoomgym.agents.backends.vllm:VLLMBackend",
-}
-"""Backend name -> ``module:class``."""
+from zoomgym.registry import Registry, lazy_exports
+
+BACKENDS: Registry[type] = Registry("rollout backend")
+"""Backend name -> class (``"module:Class"`` until first use)."""
+register_backend = BACKENDS.register
+BACKENDS.register("hf", "zoomgym.agents.backends.hf:HFBackend")
+BACKENDS.register("vllm", "zoomgym.agents.backends.vllm:VLLMBackend")
 
 __all__ = ["BACKENDS", "Backend", "FinishReason", "Generation", "GenerationRequest", "HFBackend", "SamplingParams",
-           "VLLMBackend"]
+           "VLLMBackend", "register_backend"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in ("HFBackend", "VLLMBackend"):
-        import importlib
-
-        module, cls = BACKENDS["hf" if name == "HFBackend" else "vllm"].split(":")
-        return getattr(importlib.import_module(module), cls)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, {"HFBackend": "zoomgym.agents.backends.hf", "VLLMBackend": "zoomgym.agents.backends.vllm"})

@@ -124,9 +124,26 @@ class Generation:
 
 @runtime_checkable
 class Backend(Protocol):
-    """A generation engine. ``weight_version`` is the version of the weights it samples with."""
+    """A generation engine. ``weight_version`` is the version of the weights it samples with.
+
+    Capabilities, read by the agent and the trainer instead of the backend's name:
+
+    * ``shares_model``: it samples with the trainer's model object itself, so a weight sync only stamps
+      the version (and LoRA adapters need no merge);
+    * ``logprobs_match_trainer``: its sampling log-probs equal the trainer's recomputation to float
+      rounding, so they serve as the PPO old log-probs (no scoring forward);
+    * ``can_sleep``: ``sleep()`` releases its accelerator memory while the trainer updates.
+
+    A backend is registered in `agents.backends.BACKENDS` and built by its classmethod
+    ``from_pretrained(path, *, model, adapter, dtype, max_images, max_context_tokens, seed, **settings)``
+    (``model``: the trainer's loaded copy; ``max_images``: the env's image budget per episode;
+    ``settings``: its own config section, ``rollout.<name>``).
+    """
 
     weight_version: int
+    shares_model: bool
+    logprobs_match_trainer: bool
+    can_sleep: bool
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[Generation]:
         """Samples one continuation per request (one turn each)."""

@@ -34,20 +34,7 @@ from zoomgym.agents.backends.base import (
     has_stop_strings,
     placeholder_ids,
 )
-
-
-def next_token_logprobs(logits: torch.Tensor, temperature: float, banned: Sequence[int] = ()) -> torch.Tensor:
-    """``log softmax(logits / T)`` in float32 with ``banned`` ids (e.g. `placeholder_ids`) at ``-inf``.
-
-    Args:
-        logits: ``(..., V)`` raw next-token logits.
-        temperature: ``T`` (`SamplingParams.logprob_temperature`).
-        banned: ids excluded from the distribution.
-    """
-    logits = logits.float()
-    if banned:
-        logits = logits.index_fill(-1, torch.tensor(list(banned), device=logits.device), float("-inf"))
-    return torch.log_softmax(logits / temperature, dim=-1)
+from zoomgym.agents.scoring import next_token_logprobs
 
 
 def sample_next(
@@ -70,7 +57,12 @@ def sample_next(
 
 
 class HFBackend:
-    """Batched generation with a transformers Qwen-VL model.
+    """Batched generation with a transformers Qwen-VL model: the trainer's own model object.
+
+    Capabilities (`agents.backends.base.Backend`): it shares the trainer's model (a weight sync only
+    stamps the version, LoRA adapters sample as they are); its log-probs are the trainer's when the
+    model computes in float32 (the same forward, so the sampler's numbers serve as old log-probs);
+    ``sleep`` hands the CUDA allocator's cached blocks back (the weights stay).
 
     Args:
         model: a ``*ForConditionalGeneration`` model (eval mode is set here).
@@ -78,11 +70,28 @@ class HFBackend:
         max_batch_size: requests per forward batch (``None``: all at once).
     """
 
+    shares_model = True
+    can_sleep = True
+
     def __init__(self, model: Any, adapter: Any, max_batch_size: int | None = None) -> None:
         self.model = model
         self.adapter = adapter
         self.max_batch_size = max_batch_size
         self.weight_version = 0
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, model: Any, adapter: Any, dtype: str, max_images: int,
+                        max_context_tokens: int | None = None, seed: int = 0,
+                        max_batch_size: int | None = None) -> HFBackend:
+        """The backend over the agent's loaded ``model`` (`agents.backends.BACKENDS` builds every backend
+        with these arguments). The model already carries ``path`` and ``dtype``; this loop sizes nothing
+        in advance (``max_images``, ``max_context_tokens``) and seeds per request (``seed``)."""
+        return cls(model, adapter, max_batch_size=max_batch_size)
+
+    @property
+    def logprobs_match_trainer(self) -> bool:
+        """True in float32: sampling and training run the same forward (bf16 kernels differ by ~1e-3)."""
+        return next(self.model.parameters()).dtype == torch.float32
 
     @property
     def device(self) -> torch.device:

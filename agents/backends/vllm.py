@@ -10,9 +10,8 @@ How our requests map onto vLLM's documented offline API:
   itself, so every run is collapsed to one ``<|image_pad|>`` first (its length is checked against the
   image's grid). Images are already at their shown size; ``mm_processor_kwargs`` carries the same
   ``min_pixels``/``max_pixels`` so vLLM's processor leaves them as they are.
-* ``limit_mm_per_prompt={"image": images_per_episode, "video": 0}`` with ``images_per_episode`` =
-  the env's ``max_turns`` (the first view plus one view per env reply before the last turn), so vLLM
-  reserves memory for the real worst case, not its default.
+* ``limit_mm_per_prompt={"image": max_images, "video": 0}`` with ``max_images`` the env's image budget
+  (`envs.EpisodeSpec.max_images`), so vLLM reserves memory for the real worst case, not its default.
 * sampling: ``SamplingParams(temperature, top_p, max_tokens, stop, stop_token_ids, seed, logprobs=0,
   skip_special_tokens=True)``; the engine runs with ``logprobs_mode="processed_logprobs"`` so a
   sampled token's log-prob is ``log softmax(logits / T)`` (``T = 1`` for greedy), the definition in
@@ -58,15 +57,12 @@ from zoomgym.agents.backends.base import (
 )
 
 
-def limit_mm_per_prompt(max_turns: int) -> dict[str, int]:
-    """vLLM's per-prompt multimodal limits for episodes of at most ``max_turns`` model turns.
-
-    Every env reply before the last model turn adds one view, so an episode holds at most ``max_turns``
-    images (ZoomEnv: the original and the crop; DirectVQA: one).
-    """
-    if max_turns < 1:
-        raise ValueError(f"Expects max_turns >= 1, actual: {max_turns!r}")
-    return {"image": int(max_turns), "video": 0}
+def limit_mm_per_prompt(max_images: int) -> dict[str, int]:
+    """vLLM's per-prompt multimodal limits for episodes showing at most ``max_images`` images
+    (`envs.EpisodeSpec.max_images`: ZoomEnv-v0 2, DirectVQA-v0 1)."""
+    if max_images < 1:
+        raise ValueError(f"Expects max_images >= 1, actual: {max_images!r}")
+    return {"image": int(max_images), "video": 0}
 
 
 def collapse_image_pads(
@@ -136,12 +132,21 @@ class VLLMBackend:
             ``reset_prefix_cache`` methods and ``llm_engine.reset_encoder_cache``).
         adapter: the model adapter (``agents.models.QwenVLAdapter``): image pad id, token counts, tokenizer.
         sampling_params_cls: ``vllm.SamplingParams`` (imported lazily when ``None``).
+        can_sleep: the engine was built with ``enable_sleep_mode=True``.
+
+    Capabilities (`agents.backends.base.Backend`): a separate engine (weights are copied in by
+    ``load_weights``) whose kernels differ from the trainer's (old log-probs are recomputed); it can
+    sleep only when built for it.
     """
 
-    def __init__(self, llm: Any, adapter: Any, sampling_params_cls: Any = None) -> None:
+    shares_model = False
+    logprobs_match_trainer = False
+
+    def __init__(self, llm: Any, adapter: Any, sampling_params_cls: Any = None, can_sleep: bool = False) -> None:
         self.llm = llm
         self.adapter = adapter
         self._sampling_params_cls = sampling_params_cls
+        self.can_sleep = can_sleep
         self.weight_version = 0
         self.sleeping = False
 
@@ -149,23 +154,27 @@ class VLLMBackend:
     def from_pretrained(
         cls,
         path: str,
-        adapter: Any,
         *,
-        max_turns: int,
-        dtype: str = "bfloat16",
+        model: Any = None,
+        adapter: Any,
+        dtype: str,
+        max_images: int,
+        max_context_tokens: int | None = None,
+        seed: int = 0,
         gpu_memory_utilization: float = 0.6,
-        max_model_len: int | None = None,
         tensor_parallel_size: int = 1,
         enable_sleep_mode: bool = False,
-        seed: int = 0,
         **engine_kwargs: Any,
     ) -> VLLMBackend:
-        """Builds a ``vllm.LLM`` for ``path`` with limits derived from the episode's turn budget.
+        """Builds a ``vllm.LLM`` for ``path`` with limits derived from the episode's image budget.
 
         Args:
             path: local folder or hub id of the model.
+            model: the trainer's loaded copy; unused (the engine loads its own from ``path``).
             adapter: the model adapter (its ``min_pixels``/``max_pixels`` bound vLLM's processor).
-            max_turns: the env's turn budget; ``limit_mm_per_prompt`` follows from it.
+            dtype: the engine's dtype (``"float32"``, ``"bfloat16"``), the trainer's.
+            max_images: the env's image budget per episode; ``limit_mm_per_prompt`` follows from it.
+            max_context_tokens: the episode's context budget (``max_model_len``; None: the model's).
             enable_sleep_mode: needed for ``sleep``/``wake_up`` when colocated with training.
             **engine_kwargs: passed on to ``vllm.LLM``.
         """
@@ -179,18 +188,18 @@ class VLLMBackend:
             model=path,
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
+            max_model_len=max_context_tokens,
             tensor_parallel_size=tensor_parallel_size,
             enable_sleep_mode=enable_sleep_mode,
             seed=seed,
-            limit_mm_per_prompt=limit_mm_per_prompt(max_turns),
+            limit_mm_per_prompt=limit_mm_per_prompt(max_images),
             mm_processor_kwargs={"min_pixels": adapter.min_pixels, "max_pixels": adapter.max_pixels},
             logprobs_mode="processed_logprobs",
             # Our SamplingParams are complete; the checkpoint's generation_config must not add top_k etc.
             generation_config="vllm",
             **engine_kwargs,
         )
-        return cls(llm, adapter)
+        return cls(llm, adapter, can_sleep=enable_sleep_mode)
 
     def _prompt(self, request: GenerationRequest) -> dict[str, Any]:
         tokens = [self.adapter.token_count(im) for im in request.images]

@@ -15,8 +15,7 @@ Names are imported lazily so ``import zoomgym.agents.models`` does not import to
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from zoomgym.registry import lazy_exports
 
 _EXPORTS = {
     "ADAPTERS": "zoomgym.agents.models.qwen",
@@ -36,9 +35,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'zoomgym.agents.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

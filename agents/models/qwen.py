@@ -147,12 +147,6 @@ class QwenVLAdapter:
         out = self.image_processor(images=list(images), do_resize=False, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
-    @staticmethod
-    def message_images(messages: Sequence[Message]) -> list[Image.Image]:
-        """The images of ``messages`` in the order their placeholders appear."""
-        return [part["image"] for message in messages if not isinstance(message["content"], str)
-                for part in message["content"] if part.get("type") == "image"]
-
     # ---- chat layout as ids -------------------------------------------------------------------------
 
     def _encode_pieces(self, pieces: Sequence[str | list[int]]) -> list[int]:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from zoomgym.agents.backends.base import GenerationRequest, SamplingParams, finish, stop_reached
-from zoomgym.agents.backends.hf import next_token_logprobs, sample_next
+from zoomgym.agents.backends.hf import sample_next
 from zoomgym.agents.backends.vllm import (
     BANNED_LOGIT_BIAS,
     VLLMBackend,
@@ -20,6 +20,7 @@ from zoomgym.agents.backends.vllm import (
     limit_mm_per_prompt,
     sampling_kwargs,
 )
+from zoomgym.agents.scoring import next_token_logprobs
 
 # A toy "tokenizer": id i decodes to CHARS[i]; 9 is an end-of-turn id that decodes to nothing.
 CHARS = ["`", "j", "s", "o", "n", "[", "1", "]", "\n", ""]
@@ -89,10 +90,10 @@ def test_sample_next_greedy_top_p_and_seeds():
     assert seen == {1, 2, 3}
 
 
-def test_limit_mm_per_prompt_follows_the_turn_budget():
+def test_limit_mm_per_prompt_follows_the_image_budget():
     assert limit_mm_per_prompt(2) == {"image": 2, "video": 0}
     assert limit_mm_per_prompt(1) == {"image": 1, "video": 0}
-    with pytest.raises(ValueError, match="max_turns"):
+    with pytest.raises(ValueError, match="max_images"):
         limit_mm_per_prompt(0)
 
 
@@ -237,7 +238,7 @@ def test_vllm_engine_matches_hf_greedy(tiny_model_dir):
     from zoomgym.agents.lmm import LMMAgent
 
     hf = LMMAgent.from_pretrained(tiny_model_dir, device="cuda")
-    vl = LMMAgent.from_pretrained(tiny_model_dir, backend="vllm", max_turns=1, dtype="float32",
+    vl = LMMAgent.from_pretrained(tiny_model_dir, backend="vllm", max_images=1, dtype="float32",
                                   gpu_memory_utilization=0.2, enforce_eager=True)
     chat = [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]
     assert vl.act([chat], [{}]) == hf.act([chat], [{}])
@@ -301,3 +302,32 @@ def test_hf_backend_never_emits_placeholder_or_vision_ids(tiny_model_dir):
                                       sampling)
         assert all(tok not in banned for g in gens for tok in g.token_ids)
         assert all(torch.isfinite(torch.tensor(g.logprobs)).all() for g in gens)
+
+
+def test_vllm_engine_gets_the_requested_dtype_and_the_default_envs_image_budget(tiny_model_dir, fake_vllm):
+    """Issue 9, bug 2: dtype="float32" was consumed by LMMAgent and the engine defaulted to bfloat16."""
+    from zoomgym.agents.backends.vllm import VLLMBackend
+    from zoomgym.agents.lmm import LMMAgent
+
+    agent = LMMAgent.from_pretrained(tiny_model_dir, backend="vllm", dtype="float32")
+    (engine,) = fake_vllm.built
+    assert engine["dtype"] == "float32" and engine["model"] == str(tiny_model_dir)
+    assert engine["limit_mm_per_prompt"] == {"image": 2, "video": 0}  # zoomgym/ZoomEnv-v0: view + crop
+    assert isinstance(agent.backend, VLLMBackend) and not agent.backend.shares_model
+    assert not agent.backend.can_sleep and not agent.backend.logprobs_match_trainer
+    LMMAgent.from_pretrained(tiny_model_dir, backend="vllm", dtype=torch.bfloat16, max_images=4,
+                             enable_sleep_mode=True)
+    assert fake_vllm.built[-1]["dtype"] == "bfloat16" and fake_vllm.built[-1]["limit_mm_per_prompt"]["image"] == 4
+
+
+def test_backends_are_chosen_by_registry_name(tiny_model_dir):
+    from zoomgym.agents.backends import BACKENDS
+    from zoomgym.agents.backends.hf import HFBackend
+    from zoomgym.agents.lmm import LMMAgent
+
+    assert sorted(BACKENDS) == ["hf", "vllm"] and BACKENDS["hf"] is HFBackend
+    agent = LMMAgent.from_pretrained(tiny_model_dir, backend="hf", max_batch_size=3)
+    assert isinstance(agent.backend, HFBackend) and agent.backend.max_batch_size == 3
+    assert agent.backend.shares_model and agent.backend.logprobs_match_trainer and agent.backend.model is agent.model
+    with pytest.raises(ValueError, match=r"rollout backend name in \['hf', 'vllm'\].*Did you mean 'vllm'"):
+        LMMAgent.from_pretrained(tiny_model_dir, backend="vlm")

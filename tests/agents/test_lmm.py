@@ -7,6 +7,7 @@ import pytest
 import torch
 from zoomgym.agents.backends.base import SamplingParams
 from zoomgym.agents.lmm import LMMAgent
+from zoomgym.agents.weights import merged_state_dict
 
 
 def test_view_budget_and_frame_come_from_the_processor(tiny_agent):
@@ -105,7 +106,7 @@ def test_token_logprobs_scores_with_another_model(tiny_agent, tiny_model_dir, sa
     assert torch.equal(ref, expected) and not torch.allclose(own, ref, atol=1e-3)
 
 
-def test_state_dict_for_backend_merges_lora_adapters(tiny_model_dir, samples):
+def test_merged_state_dict_merges_lora_adapters(tiny_model_dir, samples):
     peft = pytest.importorskip("peft")
     agent = LMMAgent.from_pretrained(tiny_model_dir)
     base_keys = set(agent.model.state_dict())
@@ -115,7 +116,7 @@ def test_state_dict_for_backend_merges_lora_adapters(tiny_model_dir, samples):
         for name, param in agent.model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    merged = agent.state_dict_for_backend()
+    merged = merged_state_dict(agent.model)
     assert set(merged) == base_keys
     assert any("lora_A" in k for k in agent.model.state_dict())  # the training model is left as it was
     plain = LMMAgent.from_pretrained(tiny_model_dir)
@@ -134,3 +135,17 @@ def test_state_dict_for_backend_merges_lora_adapters(tiny_model_dir, samples):
     # The hf backend shares the training model: a sync only stamps the version.
     agent.sync_weights(3)
     assert agent.backend.weight_version == 3 == agent.weight_version
+
+
+def test_evaluate_plays_the_lmm_agent_token_exact_with_its_own_view(tiny_agent, samples, tmp_path):
+    from zoomgym.agents.evaluate import evaluate
+
+    tiny_agent.sampling = SamplingParams(temperature=0.0, max_new_tokens=6)
+    try:
+        metrics = evaluate(tiny_agent, samples[:2], "zoomgym/ZoomEnv-v0", out_dir=tmp_path, n_render=1,
+                           max_new_tokens=6)
+    finally:
+        tiny_agent.sampling = SamplingParams(temperature=0.0)
+    assert metrics["eval/episodes"] == 2 and metrics["eval/turns"] == 2.0
+    assert 0 < metrics["eval/generated_tokens"] <= 12  # token ids recorded: at most 6 per turn
+    assert "eval/valid_box_ratio" in metrics and len(list(tmp_path.glob("*.png"))) == 1

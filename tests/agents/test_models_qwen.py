@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 from zoomgym.agents.models import adapter_for, build_tiny_model, load_processor
+from zoomgym.envs.spaces import message_images
 
 # Shown sizes (w, h) in the tiny test budget (4..64 visual tokens); no two share a merged grid.
 SIZES = [(56, 84), (112, 56), (84, 140)]
@@ -263,6 +264,6 @@ def test_env_turn_closes_the_turn_only_when_the_model_did_not(tiny25) -> None:
 def test_images_of_messages_in_placeholder_order(tiny25) -> None:
     _, _, adapter = tiny25
     chat, images = _conversation(3)
-    assert adapter.message_images(chat) == images
-    assert adapter.message_images([{"role": "user", "content": "text only"}]) == []
+    assert message_images(chat) == images
+    assert message_images([{"role": "user", "content": "text only"}]) == []
     assert adapter.image_inputs([]) == {}

@@ -6,12 +6,12 @@ import sys
 
 import gymnasium as gym
 import pytest
-from zoomgym import envs  # noqa: F401
 from zoomgym.agents import Agent, OracleAgent, RandomAgent, ReplayAgent, split_infos
+from zoomgym.agents.evaluate import evaluate
 from zoomgym.envs.data import Sample
-from zoomgym.envs.evaluate import evaluate
 
 from tests.conftest import marker_sample
+from zoomgym import envs  # noqa: F401
 
 
 def play(env: gym.Env, agent: Agent, sample: Sample) -> tuple[float, list[dict]]:
@@ -86,10 +86,12 @@ def test_replay_agent_and_vector_infos(marker: Sample) -> None:
 
 
 def test_evaluate_reports_metrics_and_renders(tmp_path, synthetic_cpu, synthetic_budget) -> None:
-    metrics = evaluate("zoomgym/ZoomEnv-v0", OracleAgent(), synthetic_cpu[:4], batch_size=3,
-                       env_options={"view_budget": synthetic_budget}, out_dir=tmp_path, n_render=2)
-    assert metrics["episodes"] == 4 and metrics["accuracy"] == 1.0
-    assert metrics["valid_box_rate"] == 1.0 and metrics["fallback_rate"] == 0.0 and metrics["zoom_rate"] == 1.0
-    assert metrics["mean_iou"] > 0.2 and set(metrics["accuracy_by_category"]) == {"attribute", "relative_position"}
+    metrics = evaluate(OracleAgent(), synthetic_cpu[:4], "zoomgym/ZoomEnv-v0",
+                       env_kwargs={"view_budget": synthetic_budget}, out_dir=tmp_path, n_render=2)
+    assert metrics["eval/episodes"] == 4 and metrics["eval/accuracy"] == 1.0
+    assert metrics["eval/valid_box_ratio"] == 1.0 and metrics["eval/fallback_ratio"] == 0.0
+    assert metrics["eval/zoom_rate"] == 1.0 and metrics["eval/iou"] > 0.2
+    categories = {key for key in metrics if key.startswith("eval/accuracy/")}
+    assert categories == {"eval/accuracy/attribute", "eval/accuracy/relative_position"}
     assert len(list(tmp_path.glob("*.png"))) == 2
-    assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == 1.0
+    assert json.loads((tmp_path / "metrics.json").read_text())["eval/accuracy"] == 1.0

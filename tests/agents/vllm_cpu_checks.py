@@ -223,8 +223,8 @@ class TextChecks:
     def backend(self, folder: Path, **kwargs: Any) -> Any:
         from zoomgym.agents.backends.vllm import VLLMBackend
 
-        return VLLMBackend.from_pretrained(str(folder), self.adapter, max_turns=2, dtype="float32",
-                                           max_model_len=512, **CPU_ENGINE, **kwargs)
+        return VLLMBackend.from_pretrained(str(folder), adapter=self.adapter, dtype="float32", max_images=2,
+                                           max_context_tokens=512, **CPU_ENGINE, **kwargs)
 
     def requests(self, max_new_tokens: int, seeds: list[int | None]) -> list[Any]:
         from zoomgym.agents.backends.base import GenerationRequest
@@ -485,13 +485,14 @@ class ImageChecks:
     def backend(self, folder: Path) -> Any:
         from zoomgym.agents.backends.vllm import VLLMBackend
 
-        return VLLMBackend.from_pretrained(str(folder), self.trainer.adapter, max_turns=3, dtype="float32",
-                                           max_model_len=2048, **CPU_ENGINE)
+        return VLLMBackend.from_pretrained(str(folder), adapter=self.trainer.adapter, dtype="float32", max_images=3,
+                                           max_context_tokens=2048, **CPU_ENGINE)
 
     def rollout(self, backend: Any, trainer: Any, episode: str, sampling: str) -> list[Any]:
         import gymnasium
-        from zoomgym import envs  # noqa: F401  (registers the env ids)
         from zoomgym.agents.lmm import LMMAgent
+
+        from zoomgym import envs  # noqa: F401  (registers the env ids)
 
         env_id, env_kwargs, zooms = EPISODES[episode]
         adapter = trainer.adapter
@@ -582,9 +583,11 @@ class ImageChecks:
         return f"checkpoint keeps every file of the source; engine built from it in {time.perf_counter() - start:.1f} s"
 
     def reload_with_seen_images(self) -> str:
+        from zoomgym.agents.weights import merged_state_dict
+
         assert self.checkpoint_engine is not None, "no engine from the checkpoint (checkpoint_engine_builds failed)"
         start = time.perf_counter()
-        self.engine.load_weights(self.new_trainer.state_dict_for_backend(), version=1)
+        self.engine.load_weights(merged_state_dict(self.new_trainer.model), version=1)
         reload_s = time.perf_counter() - start
         details = []
         for key in (("multi-turn, 3 turns", "T=1"), ("zoom, 2 turns", "greedy"), ("own boxes, 2 turns", "T=0.7")):

@@ -75,8 +75,9 @@ def mgpo_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     Validated before and after, with a rendered trajectory at step 3, checkpointed after every step (the
     resume test continues from step 1 and must reach the same weights).
     """
+    from zoomgym.algorithms.build import build_agent
+
     from zoomgym import algorithms
-    from zoomgym.algorithms.trainer import build_agent
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path_factory.mktemp("mgpo") / "run", "algorithm.name=mgpo",
                           "trainer.val_every=3", "logging.render_every=3", "logging.render_count=1",

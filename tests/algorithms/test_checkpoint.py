@@ -20,7 +20,7 @@ from zoomgym.algorithms.checkpoint import (
 )
 from zoomgym.algorithms.config import load_config
 from zoomgym.algorithms.logging import read_metrics
-from zoomgym.algorithms.trainer import run
+from zoomgym.algorithms.run import run
 
 
 def test_rng_state_round_trip() -> None:

@@ -142,6 +142,9 @@ def test_validate_checks_paths_before_loading(tmp_path: Path) -> None:
         ("rollout.top_p=0", "rollout.top_p"),
         ("trainer.steps=0", "trainer.steps"),
         ("algorithm.tis_cap=0.5", "algorithm.tis_cap"),
+        ("algorithm.advantage=grp", "algorithm.advantage"),
+        ("algorithm.policy_loss=ppo", "algorithm.policy_loss"),
+        ("rollout.backend=vlm", "rollout.backend"),
     ],
 )
 def test_validate_values(tmp_path: Path, override: str, key: str) -> None:
@@ -185,7 +188,7 @@ def test_paper_configs_differ_only_where_the_algorithms_differ() -> None:
     a, b = flat(mgpo), flat(grpo)
     assert {k for k in a if a[k] != b[k]} == {"name", "algorithm.name"}
     assert (a["algorithm.name"], b["algorithm.name"]) == ("mgpo", "grpo")
-    # The paper's setup (mgpo-facts.md).
+    # The paper's setup (docs/training.md).
     assert a["trainer.lr"] == 1e-6 and a["trainer.lr_schedule"] == "constant"
     assert (a["trainer.prompts_per_step"], a["rollout.group_size"], a["trainer.mini_batch_prompts"]) == (512, 8, 128)
     assert (a["algorithm.kl_coef"], a["algorithm.kl_kind"], a["algorithm.entropy_coef"]) == (0.01, "low_var_kl", 0.001)
@@ -193,7 +196,7 @@ def test_paper_configs_differ_only_where_the_algorithms_differ() -> None:
     assert (a["model.min_pixels"], a["model.max_pixels"]) == (256 * 28 * 28, 1280 * 28 * 28)
     assert (a["rollout.backend"], a["rollout.temperature"], a["rollout.top_p"]) == ("vllm", 1.0, 1.0)
     assert a["rollout.max_new_tokens"] == 8192 and a["model.dtype"] == "bfloat16"
-    assert (a["rollout.vllm_tensor_parallel_size"], a["rollout.vllm_gpu_memory_utilization"]) == (2, 0.6)
+    assert (a["rollout.vllm.tensor_parallel_size"], a["rollout.vllm.gpu_memory_utilization"]) == (2, 0.6)
     assert (a["algorithm.ppo_epochs"], a["algorithm.loss_agg"], a["trainer.weight_decay"]) == (1, "token-mean", 0.01)
     # two turns: the algorithm's own env (mgpo: ground then answer; grpo: answer) and no turn override
     assert a["env.id"] is None and a["env.max_turns"] is None

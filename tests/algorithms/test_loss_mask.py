@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 import torch
-from zoomgym import algorithms
-from zoomgym.algorithms.grpo import GRPO, _pad, last_turn_mask
+from zoomgym.algorithms.grpo import GRPO, last_turn_mask
 from zoomgym.algorithms.mgpo import MGPO
+from zoomgym.algorithms.ppo import PPOBatch, PPOSettings, micro_batch_loss, right_pad
+
+from zoomgym import algorithms
 
 
 def runs_of_ones(mask: torch.Tensor) -> list[tuple[int, int]]:
@@ -81,7 +84,7 @@ def test_collated_mask_lines_up_with_the_trainer_masks(multi_turn: tuple[MGPO, l
     algo, trajectories = multi_turn
     batch = algo.agent.collate(trajectories)
     length = batch["input_ids"].shape[1]
-    ours = _pad([algo.loss_mask(t) for t in trajectories], length, torch.device("cpu"))
+    ours = right_pad([algo.loss_mask(t) for t in trajectories], length, torch.device("cpu"))
     assert torch.equal(ours, batch["loss_mask"].float())
     padding = batch["attention_mask"] == 0
     assert not bool(ours[padding].any())
@@ -104,26 +107,23 @@ def test_micro_batches_accumulate_to_the_mini_batch_gradient(multi_turn: tuple[M
     from zoomgym.algorithms import core
 
     algo, trajectories = multi_turn
-    algo.cfg.algorithm.loss_agg = agg
-    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    settings = dataclasses.replace(PPOSettings.from_config(algo.cfg), loss_agg=agg)
     masks = [algo.loss_mask(t).float() for t in trajectories]
     old = [t.sampling_logprobs for t in trajectories]
     ref = [0.9 * t.sampling_logprobs for t in trajectories]  # a reference that differs: the KL term has a gradient
-    denominator = core.agg_denominator(_pad(masks, max(m.shape[0] for m in masks), torch.device("cpu")), agg)
+    batch = PPOBatch(trajectories, torch.tensor([1.0, -1.0, 0.5, -0.5]), masks, old, ref, old_is_sampler=True)
+    denominator = core.agg_denominator(right_pad(masks, max(m.shape[0] for m in masks), torch.device("cpu")), agg)
     params = [p for p in algo.model.parameters() if p.requires_grad]
 
     def gradients(micro_batches: list[list[int]]) -> list[torch.Tensor]:
         algo.optimizer.zero_grad(set_to_none=True)
-        losses = sum(algo._accumulate(trajectories, micro, advantages, masks, old, ref, True, denominator, False)[0]
-                     ["actor/loss"] for micro in micro_batches)
+        losses = sum(micro_batch_loss(batch, micro, algo._score, settings, denominator, False)[0]["actor/loss"]
+                     for micro in micro_batches)
         grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
         algo.optimizer.zero_grad(set_to_none=True)
         return [torch.tensor(losses), *grads]
 
-    try:
-        one_by_one, together = gradients([[0], [1], [2], [3]]), gradients([[0, 1, 2, 3]])
-    finally:
-        algo.cfg.algorithm.loss_agg = "token-mean"
+    one_by_one, together = gradients([[0], [1], [2], [3]]), gradients([[0, 1, 2, 3]])
     assert any(float(g.abs().sum()) > 0 for g in together[1:])
     for a, b in zip(one_by_one, together):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

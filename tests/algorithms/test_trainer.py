@@ -7,11 +7,13 @@ from typing import Any
 
 import pytest
 import torch
-from zoomgym import algorithms
+from zoomgym.algorithms.build import build_agent
 from zoomgym.algorithms.config import Config
 from zoomgym.algorithms.grpo import GRPO
 from zoomgym.algorithms.logging import read_metrics
-from zoomgym.algorithms.trainer import build_agent, run
+from zoomgym.algorithms.run import run
+
+from zoomgym import algorithms
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -113,7 +115,7 @@ def test_options_lora_checkpointing_bf16_tis_drgrpo(tiny_config: Callable[..., C
     trainable = {n for n, p in algo.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert not any("visual" in n for n in trainable)  # adapters on the language model only
-    assert algo.reference_agent is None  # the reference is the base model with adapters disabled
+    assert algo.reference_model is None  # the reference is the base model with adapters disabled
     record = next(r for r in read_metrics(algo.run_dir) if "train/reward" in r)
     assert all(value is not None for value in record.values())
     assert "actor/is_weight_mean" in record and record["rollout/logprob_gap_abs_mean"] >= 0
@@ -161,7 +163,7 @@ def test_prompts_cover_each_epoch_once_in_a_fresh_order() -> None:
 
 def test_an_update_moves_log_probs_the_way_of_the_advantages(tiny_config: Callable[..., Config]) -> None:
     """One PPO update: episodes with A > 0 become more likely, those with A < 0 less likely."""
-    from zoomgym.algorithms.grpo import _pad
+    from zoomgym.algorithms.ppo import right_pad
 
     cfg = tiny_config("algorithm.kl_coef=0", "algorithm.entropy_coef=0", "trainer.mini_batch_prompts=2",
                       "trainer.lr=1e-4", "data.val=[]")
@@ -174,12 +176,11 @@ def test_an_update_moves_log_probs_the_way_of_the_advantages(tiny_config: Callab
         batch = algo.agent.collate(trajectories)
         with torch.no_grad():
             logp, _ = algo.agent.token_logprobs(batch)
-        mask = _pad(masks, logp.shape[1], logp.device)
+        mask = right_pad(masks, logp.shape[1], logp.device)
         return (torch.where(mask > 0, logp, 0.0)).sum(-1)  # (N,) log-prob of each episode's trained tokens
 
     before = sequence_logp()
-    old_logp, ref_logp, reuse = algo.score(trajectories)
-    stats = algo.update(trajectories, advantages, masks, old_logp, ref_logp, reuse)
+    stats = algo.update(algo.make_batch(trajectories, advantages, masks))
     change = sequence_logp() - before
     assert stats["actor/grad_norm"] > 0
     assert torch.equal(torch.sign(change), torch.sign(advantages)), change  # each episode moves its own way
@@ -189,8 +190,9 @@ def test_validation_is_greedy_on_every_held_out_set() -> None:
     """The reference meant greedy validation and sampled at T=1: ours passes greedy settings to the backend."""
     from types import SimpleNamespace
 
+    from zoomgym.algorithms.build import sampling_params
     from zoomgym.algorithms.config import Config as Cfg
-    from zoomgym.algorithms.trainer import Trainer, sampling_params
+    from zoomgym.algorithms.trainer import Trainer
 
     calls = []
     stub = SimpleNamespace(cfg=Cfg(), val_sets={"a": ["s1", "s2"], "b": ["s3"]}, step=4, first_validation={},
@@ -207,11 +209,12 @@ def test_validation_is_greedy_on_every_held_out_set() -> None:
 def test_episode_metrics_grounding_health_from_real_env_episodes() -> None:
     """Valid-box ratio, IoU and accuracy split by zoomed / not zoomed, from ZoomEnv infos of scripted agents."""
     import gymnasium
-    from zoomgym import envs  # noqa: F401 - registers the zoomgym ids
+    from zoomgym.agents.metrics import episode_metrics
     from zoomgym.agents.scripted import OracleAgent, ReplayAgent
     from zoomgym.agents.trajectory import Trajectory
-    from zoomgym.algorithms.trainer import episode_metrics
     from zoomgym.envs.data import synthetic
+
+    from zoomgym import envs  # noqa: F401 - registers the zoomgym ids
 
     def play(agent: Any, sample: Any) -> Trajectory:
         # The default budget shows the 672 px canvas whole (the oracle's box is then exact: IoU 1), not
@@ -240,3 +243,45 @@ def test_episode_metrics_grounding_health_from_real_env_episodes() -> None:
     assert m["train/turns"] == 2.0 and m["train/visual_tokens"] > 0
     categories = {s.category for s in samples}
     assert {f"train/accuracy/{c}" for c in categories} <= set(m)
+
+
+def test_a_registered_advantage_and_policy_loss_selected_by_config_change_the_update(
+    tiny_config: Callable[..., Config],
+) -> None:
+    """`algorithm.advantage` / `algorithm.policy_loss` pick registry entries; the built-ins are not hard-wired."""
+    from zoomgym.algorithms import core
+
+    calls: dict[str, int] = {"advantage": 0, "loss": 0}
+
+    @core.register_advantage("test_alternating")
+    def alternating(rewards: torch.Tensor, group_ids: torch.Tensor, *, norm_by_std: bool) -> torch.Tensor:
+        calls["advantage"] += 1
+        return torch.tensor([1.0, -1.0] * (len(rewards) // 2))  # whatever the rewards
+
+    @core.register_policy_loss("test_counted")
+    def counted(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        calls["loss"] += 1
+        return core.policy_loss(*args, **kwargs)
+
+    try:
+        base = ("algorithm.kl_coef=0", "algorithm.entropy_coef=0", "trainer.mini_batch_prompts=2", "data.val=[]")
+        default = algorithms.make("mgpo", agent=build_agent(cfg := tiny_config(*base)), config=cfg)
+        trajectories = default.rollout(default.train_samples[:2], 2, greedy=False, seed=0)
+        rewards = torch.zeros(4)  # the random tiny model answers nothing right: GRPO's advantages are all 0
+        group_ids = torch.tensor([0, 0, 1, 1])
+        masks = [default.loss_mask(t).float() for t in trajectories]
+        assert torch.equal(default.advantages(rewards, group_ids), torch.zeros(4))
+        stats = default.update(default.make_batch(trajectories, torch.zeros(4), masks))
+        assert stats["actor/grad_norm"] == 0.0  # no advantage, no KL, no entropy: nothing to learn
+
+        cfg = tiny_config(*base, "algorithm.advantage=test_alternating", "algorithm.policy_loss=test_counted")
+        custom = algorithms.make("mgpo", agent=build_agent(cfg), config=cfg)
+        before = snapshot(custom.model)
+        advantages = custom.advantages(rewards, group_ids)
+        assert advantages.tolist() == [1.0, -1.0, 1.0, -1.0] and calls["advantage"] == 1
+        stats = custom.update(custom.make_batch(trajectories, advantages, masks))
+        assert stats["actor/grad_norm"] > 0 and calls["loss"] == 4  # one call per micro-batch of one episode
+        assert any(not torch.equal(before[n], p) for n, p in custom.model.named_parameters())
+    finally:
+        core.ADVANTAGES.pop("test_alternating")
+        core.POLICY_LOSSES.pop("test_counted")

@@ -22,6 +22,7 @@ def agent(tiny_model_dir: Path):
 
 def _env_fn(agent):
     import gymnasium
+
     from zoomgym import envs  # noqa: F401
 
     return lambda sample: gymnasium.make("zoomgym/ZoomEnv-v0", dataset=[sample], view_budget=agent.view_budget,
@@ -45,7 +46,7 @@ def test_synthetic_fixed_option_order_maps_each_answer_to_one_letter() -> None:
 
 
 def test_scripted_turns_ignore_the_sample(agent) -> None:
-    from zoomgym.algorithms.warmup import ScriptedBackend
+    from zoomgym.agents.backends.scripted import ScriptedBackend
 
     backend = ScriptedBackend(agent.adapter, num_options=4, grid=3, side=0.4)
     view = Image.new("RGB", (224, 224))
@@ -61,7 +62,8 @@ def test_scripted_turns_ignore_the_sample(agent) -> None:
 
 
 def test_scripted_episodes_are_valid_zooms_at_chance_accuracy(agent) -> None:
-    from zoomgym.algorithms.warmup import ScriptedBackend, scripted_episodes
+    from zoomgym.agents.backends.scripted import ScriptedBackend
+    from zoomgym.algorithms.warmup import scripted_episodes
 
     samples = synthetic(64, seed=0, preset="cpu", option_order="fixed", categories=["attribute"], clutter=0)
     backend = ScriptedBackend(agent.adapter)

@@ -9,9 +9,10 @@ import time
 import gymnasium as gym
 from gymnasium.spaces import Text
 from gymnasium.vector.utils import batch_space
-from zoomgym import envs  # noqa: F401  (registers the ids)
 from zoomgym.envs.data import Sample
 from zoomgym.envs.spaces import ActionText, action_charset
+
+from zoomgym import envs  # noqa: F401  (registers the ids)
 
 
 def test_action_text_is_the_text_space_it_replaces() -> None:

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from zoomgym import envs  # noqa: F401
 from zoomgym.envs.actions import BoxRules, check_box, extract_boxed, read_box
 from zoomgym.envs.data import Sample
 from zoomgym.envs.geometry import Box, region_to_original
@@ -18,6 +17,7 @@ from zoomgym.envs.rewards import match_answer
 from zoomgym.envs.views import MAX_ASPECT_RATIO, ViewBudget
 
 from tests.conftest import marker_sample
+from zoomgym import envs  # noqa: F401
 
 OPTIONS = ("blue", "red", "green", "white")
 NUMBERS = [

@@ -58,7 +58,7 @@ def test_unknown_frame_suggests_a_name() -> None:
 
 def test_duplicate_frame_name_is_rejected() -> None:
     with pytest.raises(ValueError, match="already registered"):
-        register_frame(Frame("qwen25", FRAMES["qwen25"].to_shown, FRAMES["qwen25"].from_shown))
+        register_frame(Frame("qwen25", FRAMES["qwen25"].to_shown, FRAMES["qwen25"].from_shown, "rule"))
 
 
 @pytest.mark.parametrize(

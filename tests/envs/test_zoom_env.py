@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 from PIL import Image
-from zoomgym import envs
 from zoomgym.envs.data import ImageLoadError, Sample, synthetic
 from zoomgym.envs.data.synthetic import COLOUR_PAIRS
 from zoomgym.envs.geometry import Box
@@ -17,6 +16,7 @@ from zoomgym.envs.spaces import ChatSpace
 from zoomgym.envs.views import ViewInfo
 
 from tests.conftest import marker_sample
+from zoomgym import envs
 
 INFO_KEYS = {
     "turn", "max_turns", "next_turn", "frame", "box_shown", "box_original", "box_valid", "fallback", "iou",
@@ -405,3 +405,24 @@ def test_the_view_of_the_target_hides_its_colours_only_under_the_budget_it_was_m
     assert max(np.abs(v - 127.5).mean() for v in made_for) < 1.0  # grey: measured 0.51 (the corners)
     assert min(differences(larger)) > 20  # measured 27.9: every pair of answers looks different
     assert min(np.abs(v - 127.5).mean() for v in larger) > 30  # measured 41.9 levels of colour
+@pytest.mark.parametrize(("env_id", "make_kwargs"), [(i, {}) for i in sorted(envs.ENV_IDS)] + [
+    ("zoomgym/ZoomEnvMultiTurn-v0", {"max_turns": 3})])
+def test_episode_spec_is_what_an_episode_can_show(env_id: str, make_kwargs: dict, marker: Sample) -> None:
+    """The turn and image budgets come from Gymnasium's registry (and the make options), nowhere else."""
+    spec = envs.episode_spec(env_id, make_kwargs)
+    env = gym.make(env_id, dataset=[marker], **make_kwargs)
+    assert spec.max_turns == env.unwrapped.max_turns and spec.protocol == env.unwrapped.protocol
+    chat, info = env.reset(seed=0)
+    done = False
+    while not done:  # never answer before the last turn: every reply shows an image (a fallback here)
+        chat, _, terminated, truncated, info = env.step("no box" if info["next_turn"] != "answer" else "\\boxed{B}")
+        done = terminated or truncated
+    shown = [p for m in chat for p in m["content"] if p["type"] == "image"]
+    assert len(shown) == spec.max_images == info["turn"]
+
+
+def test_episode_spec_refuses_other_envs() -> None:
+    with pytest.raises(ValueError, match="entry point"):
+        envs.episode_spec("CartPole-v1")
+    with pytest.raises(gym.error.NameNotFound):
+        envs.episode_spec("zoomgym/ZomEnv-v0")

@@ -1,0 +1,256 @@
+"""One PPO update over a batch of episodes, top to bottom: what GRPO and MGPO run every step.
+
+Everything the update reads is in one `PPOBatch` (per episode: token ids and images, its advantage,
+the tokens it trains, old, reference and sampler log-probs); everything it is allowed to change is the
+model, the optimizer and the scheduler it is given::
+
+    for epoch in range(epochs):
+        shuffle the N episodes (one seed per epoch) and split them into `minibatches` mini-batches
+        for each mini-batch:
+            denominator = the loss aggregation's count over the whole mini-batch (core.agg_denominator)
+            for each micro-batch of `micro_batch_size` episodes:
+                logp, entropy = score(micro-batch)                       forward, with gradients
+                loss = policy_loss(logp, old, A, mask)                   core.POLICY_LOSSES[policy_loss]
+                       + kl_coef * agg(KL(logp, ref))                    when there is a reference
+                       - entropy_coef * agg(entropy)
+                loss.backward()                                          this micro-batch's share
+            clip the global gradient norm, optimizer step, scheduler step
+
+Each micro-batch's loss is divided by its mini-batch's aggregation count, so the accumulated gradient
+is exactly that of one loss over the whole mini-batch, whatever the micro-batch size (tested).
+The maths is in `algorithms.core`; which episodes, advantages and masks go in is the algorithm's
+(`algorithms.grpo`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from zoomgym.algorithms import core
+
+if TYPE_CHECKING:
+    from zoomgym.agents.trajectory import Trajectory
+    from zoomgym.algorithms.config import Config
+
+Score = Callable[[Sequence["Trajectory"]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""``score(trajectories) -> (logp, entropy, sampler_logp)``, each ``(n, L)``: the policy's log-probs and
+entropies of a micro-batch (with gradients) and the sampler's log-probs of the same tokens."""
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    """The update's hyperparameters (their meaning: `algorithms.config.AlgorithmConfig`)."""
+
+    epochs: int
+    minibatches: int
+    micro_batch_size: int
+    policy_loss: str
+    clip_low: float
+    clip_high: float
+    clip_ratio_c: float | None
+    loss_agg: str
+    norm_length: float
+    kl_coef: float
+    kl_kind: str
+    entropy_coef: float
+    tis_cap: float | None
+    grad_clip: float
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> PPOSettings:
+        a, t = cfg.algorithm, cfg.trainer
+        return cls(
+            epochs=a.ppo_epochs, minibatches=t.prompts_per_step // t.mini_batch_prompts,
+            micro_batch_size=t.micro_batch_size, policy_loss=a.policy_loss, clip_low=a.clip_low,
+            clip_high=a.clip_high, clip_ratio_c=a.clip_ratio_c, loss_agg=a.loss_agg,
+            # Dr.GRPO divides by a constant length, the per-turn generation cap, not by this batch's padding.
+            norm_length=float(cfg.rollout.max_new_tokens), kl_coef=a.kl_coef, kl_kind=a.kl_kind,
+            entropy_coef=a.entropy_coef, tis_cap=a.tis_cap, grad_clip=t.grad_clip,
+        )
+
+
+def right_pad(rows: Sequence[torch.Tensor], length: int, device: torch.device) -> torch.Tensor:
+    """Right-pad 1-D tensors with 0 to (len(rows), length) float32, matching ``collate``'s padding."""
+    out = torch.zeros((len(rows), length), dtype=torch.float32, device=device)
+    for i, row in enumerate(rows):
+        out[i, : row.shape[0]] = row.to(device=device, dtype=torch.float32)
+    return out
+
+
+@dataclass
+class PPOBatch:
+    """Everything one update reads. Per-episode tensors are lists: each episode has its own length L_i.
+
+    Attributes:
+        trajectories: the N episodes (token ids, images, ``sampling_logprobs``: the sampler's).
+        advantages: (N,) one per episode, broadcast over the tokens it trains.
+        masks: N tensors (L_i,), 1 on the tokens that carry the advantage (the algorithm's loss mask).
+        old_logp: N tensors (L_i,), the log-probs under the weights that sampled the episode.
+        ref_logp: N tensors (L_i,) under the frozen reference policy, or None (no KL term).
+        old_is_sampler: ``old_logp`` are the sampler's own numbers (its numerics are the trainer's), so
+            there is no sampler/trainer mismatch to correct, and the gap is measured on the update's
+            first forward instead.
+    """
+
+    trajectories: Sequence[Trajectory]
+    advantages: torch.Tensor
+    masks: list[torch.Tensor]
+    old_logp: list[torch.Tensor]
+    ref_logp: list[torch.Tensor] | None
+    old_is_sampler: bool
+
+    def __post_init__(self) -> None:
+        n = len(self.trajectories)
+        sizes = {"advantages": len(self.advantages), "masks": len(self.masks), "old_logp": len(self.old_logp)}
+        if self.ref_logp is not None:
+            sizes["ref_logp"] = len(self.ref_logp)
+        wrong = {name: size for name, size in sizes.items() if size != n}
+        if wrong:
+            raise ValueError(f"Expects one entry per trajectory ({n}) in every field, actual: {wrong}")
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+
+def micro_batch_loss(
+    batch: PPOBatch,
+    micro: list[int],
+    score: Score,
+    settings: PPOSettings,
+    denominator: torch.Tensor,
+    measure_gap: bool,
+) -> tuple[dict[str, float], dict[str, Any], float]:
+    """Forward and backward of one micro-batch (the episodes ``micro`` of ``batch``).
+
+    Returns:
+        (its shares of the mini-batch's loss terms, token-mean stats, its number of loss tokens).
+    """
+    s = settings
+    logp, entropy, sampler = score([batch.trajectories[i] for i in micro])  # (n, L) each
+    device, length = logp.device, logp.shape[1]
+    mask = right_pad([batch.masks[i] for i in micro], length, device)  # (n, L)
+    # Untrained positions may hold -inf (image-pad tokens the model can never emit). core's losses select
+    # them away already; zeroing them here also keeps kl_penalty, which takes no mask, finite everywhere.
+    trained = mask > 0
+    logp = torch.where(trained, logp.float(), 0.0)
+    entropy = torch.where(trained, entropy.float(), 0.0)
+    old = torch.where(trained, right_pad([batch.old_logp[i] for i in micro], length, device), 0.0)
+    sampler = sampler.to(device=device, dtype=torch.float32)  # 0 off the sampled tokens
+    # Truncated IS corrects a sampler whose numerics differ from the trainer's; its own numbers need none.
+    is_weights = core.truncated_is_weights(old, sampler, cap=s.tis_cap) if s.tis_cap and not batch.old_is_sampler else None
+    agg = {"agg": s.loss_agg, "norm_length": s.norm_length, "denominator": denominator.to(device)}
+
+    pg_loss, stats = core.get_policy_loss(s.policy_loss)(
+        logp, old, batch.advantages[micro].to(device), mask,
+        clip_low=s.clip_low, clip_high=s.clip_high, clip_ratio_c=s.clip_ratio_c, is_weights=is_weights, **agg,
+    )
+    loss = pg_loss
+    parts = {"actor/pg_loss": float(pg_loss.detach())}
+    if batch.ref_logp is not None:
+        ref = torch.where(trained, right_pad([batch.ref_logp[i] for i in micro], length, device), 0.0)
+        kl = core.agg_loss(core.kl_penalty(logp, ref, s.kl_kind), mask, **agg)
+        loss = loss + s.kl_coef * kl
+        parts["actor/kl"] = float(kl.detach())
+    if s.entropy_coef > 0:
+        loss = loss - s.entropy_coef * core.agg_loss(entropy, mask, **agg)
+    loss.backward()
+    parts["actor/loss"] = float(loss.detach())
+
+    stats.pop("actor/pg_loss", None)
+    stats["actor/entropy"] = core.masked_mean(entropy.detach(), mask)
+    if measure_gap:
+        stats.update(core.logprob_gap_stats((logp.detach() if batch.old_is_sampler else old), sampler, mask))
+    return parts, stats, float(mask.sum())
+
+
+def update(
+    batch: PPOBatch,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    score: Score,
+    settings: PPOSettings,
+    epoch_seeds: Sequence[int],
+) -> dict[str, float]:
+    """PPO epochs over mini-batches with micro-batch gradient accumulation (module docstring).
+
+    Args:
+        batch: the episodes and what the update reads of them.
+        model: the module being trained (its trainable parameters are clipped and stepped).
+        optimizer, scheduler: stepped once per mini-batch.
+        score: the policy's log-probs and entropies of a micro-batch (`Score`).
+        settings: the hyperparameters.
+        epoch_seeds: one seed per epoch for the order of the episodes.
+
+    Returns:
+        Token-weighted means of the loss stats over the step (``actor/clipfrac``, ``actor/entropy``,
+        ``rollout/logprob_gap_*``, ...), per-mini-batch means of the loss terms and the gradient norm,
+        and ``actor/grad_norm_max``.
+    """
+    s = settings
+    if len(epoch_seeds) != s.epochs:
+        raise ValueError(f"Expects one seed per epoch ({s.epochs}), actual: {len(epoch_seeds)}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    token_stats = _Average()  # token-weighted means over the whole step (clip fractions, entropy, gap)
+    losses: dict[str, list[float]] = defaultdict(list)  # one value per mini-batch
+    for epoch, seed in enumerate(epoch_seeds):
+        order = np.random.default_rng(seed).permutation(len(batch))
+        for mb_index, minibatch in enumerate(np.array_split(order, s.minibatches)):
+            if len(minibatch) == 0:
+                continue
+            longest = max(int(batch.masks[i].shape[0]) for i in minibatch)
+            mb_mask = right_pad([batch.masks[i] for i in minibatch], longest, torch.device("cpu"))
+            denominator = core.agg_denominator(mb_mask, s.loss_agg)
+            optimizer.zero_grad(set_to_none=True)
+            model.train()
+            mb_losses: dict[str, float] = defaultdict(float)
+            for start in range(0, len(minibatch), s.micro_batch_size):
+                micro = minibatch[start : start + s.micro_batch_size].tolist()
+                # Sampler vs trainer log-probs: recomputed old log-probs cover every token; the sampler's own
+                # are compared with the first mini-batch's forward, whose weights are still those that sampled.
+                measure_gap = epoch == 0 and (mb_index == 0 or not batch.old_is_sampler)
+                parts, stats, tokens = micro_batch_loss(batch, micro, score, s, denominator, measure_gap)
+                for key, value in parts.items():
+                    mb_losses[key] += value
+                token_stats.add(stats, tokens)
+            grad_clip = s.grad_clip if s.grad_clip > 0 else float("inf")
+            losses["actor/grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, grad_clip)))
+            optimizer.step()
+            scheduler.step()
+            for key, value in mb_losses.items():
+                losses[key].append(value)
+    model.eval()
+    out = token_stats.result()
+    out.update({key: float(np.mean(values)) for key, values in losses.items()})
+    out["actor/grad_norm_max"] = float(np.max(losses["actor/grad_norm"]))
+    return out
+
+
+class _Average:
+    """Running token-weighted means of stats (``*_max`` keys keep the maximum, ``*_min`` the minimum)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+        self.extremes: dict[str, float] = {}
+
+    def add(self, stats: dict[str, Any], weight: float) -> None:
+        for key, value in stats.items():
+            value = float(value)
+            if key.endswith("_max"):
+                self.extremes[key] = max(self.extremes.get(key, value), value)
+            elif key.endswith("_min"):
+                self.extremes[key] = min(self.extremes.get(key, value), value)
+            else:
+                self.sums[key] += value * weight
+                self.weights[key] += weight
+
+    def result(self) -> dict[str, float]:
+        means = {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+        return {**means, **self.extremes}
