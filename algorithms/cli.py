@@ -5,6 +5,8 @@
     zoomgym train CONFIG [key.sub=value ...] [--resume RUN_DIR] [--import MODULE]
     zoomgym train --resume RUN_DIR [key.sub=value ...]      # CONFIG defaults to RUN_DIR/config.yaml
     zoomgym train --help-config                             # every config key, its default and help
+    zoomgym sft CONFIG [key.sub=value ...] [--resume RUN_DIR]   # supervised fine-tuning on chats (sft.*)
+    zoomgym toy-base [key.sub=value ...] [--cache DIR] [--force]  # build or reuse the CPU toy base
     zoomgym eval CONFIG [key.sub=value ...]                 # greedy validation of model.path on data.val
     zoomgym eval --agent oracle random [--n 50 --out DIR]   # scripted agents on synthetic questions
     zoomgym tiny-model OUT [--size 1m|10m|50m] [--seed S]   # the offline tiny Qwen2.5-VL
@@ -22,7 +24,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from zoomgym.algorithms.config import RUN_CONFIG_FILE, Config, check_run_dir, describe, load_config, validate
+from zoomgym.algorithms.config import (
+    RUN_CONFIG_FILE,
+    Config,
+    check_run_dir,
+    describe,
+    load_config,
+    validate,
+    validate_sft,
+)
 from zoomgym.envs import DEFAULT_ENV_ID
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
@@ -61,17 +71,31 @@ def _train(args: argparse.Namespace) -> int:
         print("\n".join(describe()))
         return 0
     for module in args.imports:
-        importlib.import_module(module)  # registers user algorithms before the name is checked
+        importlib.import_module(module)  # registers user algorithms (or chat tasks) before names are checked
     try:
         cfg = resolve_config(args.items, args.resume)
+        if args.command == "sft":
+            validate_sft(cfg)
         check_run_dir(cfg, resume=args.resume is not None)
     except (ValueError, TypeError) as err:
         print(f"zoomgym: error: {err}", file=sys.stderr)
         return 2
-    from zoomgym.algorithms.run import run
+    from zoomgym.algorithms.run import run, run_sft
 
-    algo = run(cfg, resume=args.resume is not None)
+    algo = (run_sft if args.command == "sft" else run)(cfg, resume=args.resume is not None)
     _print_summary(algo)
+    return 0
+
+
+def _toy_base(args: argparse.Namespace) -> int:
+    from zoomgym.algorithms.toy_base import build_toy_base, describe_report
+
+    try:
+        model_dir = build_toy_base(args.items, cache=args.cache, force=args.force)
+    except (ValueError, TypeError) as err:
+        print(f"zoomgym: error: {err}", file=sys.stderr)
+        return 2
+    print(describe_report(model_dir))
     return 0
 
 
@@ -82,7 +106,8 @@ def _print_summary(algo: object) -> None:
     print(f"checkpoint:    {algo.last_checkpoint}")  # type: ignore[attr-defined]
     for phase, metrics in (("before", algo.first_validation), ("after", algo.last_validation)):  # type: ignore[attr-defined]
         if metrics:
-            shown = "  ".join(f"{k.removeprefix('val/')}={v:.3f}" for k, v in sorted(metrics.items()) if k.endswith("accuracy"))
+            shown = "  ".join(f"{k.removeprefix('val/')}={v:.3f}" for k, v in sorted(metrics.items())
+                              if k.endswith(("accuracy", "hit_ratio")))
             print(f"validation {phase} training: {shown}")
 
 
@@ -163,6 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="import a module first (e.g. one that registers your algorithm)")
     train.add_argument("--help-config", action="store_true", help="list every config key with default and help")
 
+    sft = sub.add_parser("sft", help="supervised fine-tuning on chats (the config's sft section)")
+    sft.add_argument("items", nargs="*", metavar="CONFIG | key.sub=value",
+                     help="a YAML config (e.g. configs/toy_base.yaml), then overrides such as trainer.steps=100")
+    sft.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    sft.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                     help="import a module first (e.g. one that registers your chat task)")
+    sft.set_defaults(help_config=False)
+
+    toy = sub.add_parser("toy-base", help="build (or reuse) the toy base: a tiny model that can ground and read")
+    toy.add_argument("items", nargs="*", metavar="key.sub=value", help="overrides of configs/toy_base.yaml")
+    toy.add_argument("--cache", default=".cache", help="folder of the cached builds (default .cache)")
+    toy.add_argument("--force", action="store_true", help="rebuild even if this recipe was built before")
+
     demo = sub.add_parser("demo", help="build the tiny model if needed and train configs/quickstart.yaml")
     demo.add_argument("items", nargs="*", metavar="key.sub=value", help="overrides of the quickstart config")
 
@@ -196,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "toy-base":
+        return _toy_base(args)
     return _train(args)
 
 

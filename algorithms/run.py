@@ -1,6 +1,8 @@
-"""What ``zoomgym train`` and ``zoomgym eval CONFIG`` do: validate the config, build, train or evaluate.
+"""What ``zoomgym train``, ``zoomgym sft`` and ``zoomgym eval CONFIG`` do: validate the config, build,
+train or evaluate.
 
     algo = run(load_config("configs/quickstart.yaml"))          # = zoomgym train configs/quickstart.yaml
+    sft = run_sft(load_config("configs/toy_base.yaml"))         # = zoomgym sft configs/toy_base.yaml
     metrics = evaluate_model(load_config("configs/quickstart.yaml", ["model.path=runs/x/checkpoints/step_000012"]))
 """
 
@@ -10,7 +12,7 @@ from typing import Any
 
 from zoomgym.algorithms.build import build_agent, env_factory, env_id_of, load_samples, load_val_sets
 from zoomgym.algorithms.checkpoint import latest_checkpoint
-from zoomgym.algorithms.config import Config, check_run_dir
+from zoomgym.algorithms.config import Config, check_run_dir, validate_sft
 from zoomgym.algorithms.config import validate as validate_config
 from zoomgym.algorithms.seeds import WARMUP_STREAM, derive_seed, seed_everything
 from zoomgym.algorithms.trainer import validation_seed
@@ -29,13 +31,7 @@ def run(cfg: Config, resume: bool = False) -> Any:
     from zoomgym import algorithms
 
     validate_config(cfg)
-    check_run_dir(cfg, resume)
-    checkpoint = None
-    if resume:
-        checkpoint = latest_checkpoint(cfg.logging.run_dir or "")
-        if checkpoint is None:
-            raise ValueError(f"Expects a checkpoint to resume in {cfg.logging.run_dir!r}/checkpoints, actual: none")
-    seed_everything(cfg.trainer.seed)
+    checkpoint = _resume_point(cfg, resume)
     agent = build_agent(cfg)
     warmup_stats: dict[str, float] = {}
     if cfg.warmup.enabled and checkpoint is None:
@@ -48,6 +44,40 @@ def run(cfg: Config, resume: bool = False) -> Any:
     algo = algorithms.make(cfg.algorithm.name, agent=agent, config=cfg)
     if warmup_stats:
         algo.logger.log(0, warmup_stats)
+    return _learn(algo, cfg, checkpoint)
+
+
+def run_sft(cfg: Config, resume: bool = False) -> Any:
+    """Supervised fine-tuning to ``trainer.steps`` (`algorithms.sft.SFT`); what ``zoomgym sft`` does.
+
+    Args:
+        cfg: the resolved config; its ``sft`` section names the chats.
+        resume: continue from the newest checkpoint in ``cfg.logging.run_dir``.
+
+    Returns:
+        The trained `SFT` (``sft.run_dir``, ``sft.last_validation``, ``sft.last_checkpoint``).
+    """
+    from zoomgym.algorithms.sft import SFT
+
+    validate_config(cfg)
+    validate_sft(cfg)
+    checkpoint = _resume_point(cfg, resume)
+    return _learn(SFT(build_agent(cfg), cfg), cfg, checkpoint)
+
+
+def _resume_point(cfg: Config, resume: bool) -> Any:
+    """The checkpoint to resume from (None for a fresh run); seeds everything for the build."""
+    check_run_dir(cfg, resume)
+    checkpoint = None
+    if resume:
+        checkpoint = latest_checkpoint(cfg.logging.run_dir or "")
+        if checkpoint is None:
+            raise ValueError(f"Expects a checkpoint to resume in {cfg.logging.run_dir!r}/checkpoints, actual: none")
+    seed_everything(cfg.trainer.seed)
+    return checkpoint
+
+
+def _learn(algo: Any, cfg: Config, checkpoint: Any) -> Any:
     if checkpoint is not None:
         algo.load_checkpoint(checkpoint)
         print(f"resuming {algo.run_dir} from step {algo.step}")

@@ -110,6 +110,10 @@ class Trainer:
     """
 
     default_env_id: ClassVar[str] = DEFAULT_ENV_ID
+    renders_episodes: ClassVar[bool] = True
+    """Whether ``logging.render_every`` replays the step's trajectories in envs (not for chats)."""
+    progress_metrics: ClassVar[dict[str, str]] = {"reward": "train/reward", "loss": "actor/loss"}
+    """Shown on the progress bar: label -> metric key."""
 
     def __init__(self, agent: Any, config: Config, env_id: str | None = None) -> None:
         self.agent = agent
@@ -124,15 +128,12 @@ class Trainer:
         self._logger: RunLogger | None = None
         self.env_seconds = 0.0  # time spent inside env reset/step, accumulated by the envs of `env_fn`
 
-        self.train_samples = load_samples(config.data.train)
-        if not self.train_samples:
-            raise ValueError(f"Expects a non-empty training set, actual: none from {config.data.train}")
-        self.val_sets = load_val_sets(config.data.val)
+        self.train_samples, self.val_sets = self.load_data()
         self.run_dir = Path(config.logging.run_dir or f"runs/{config.name}-{datetime.now():%Y%m%d-%H%M%S}")
 
         self.model = agent.model
         self.peft_model = prepare_model(self.model, config.model)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        trainable = [p for p in self.model.parameters() if p.requires_grad] + self.extra_parameters()
         t = config.trainer
         self.optimizer = torch.optim.AdamW(
             trainable, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay
@@ -140,6 +141,17 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     # -- what a trainer implements ------------------------------------------------------------------------
+
+    def load_data(self) -> tuple[list[Sample], dict[str, list[Any]]]:
+        """``(training samples, validation set name -> items)``; RL: ``data.train`` and ``data.val``."""
+        samples = load_samples(self.cfg.data.train)
+        if not samples:
+            raise ValueError(f"Expects a non-empty training set, actual: none from {self.cfg.data.train}")
+        return samples, load_val_sets(self.cfg.data.val)
+
+    def extra_parameters(self) -> list[torch.nn.Parameter]:
+        """Trained parameters outside the model (e.g. SFT's training-only heads); none by default."""
+        return []
 
     def train_step(self) -> tuple[dict[str, float], list[Trajectory]]:
         """One step at ``self.step``: returns (metrics, the step's trajectories). Subclasses implement it."""
@@ -197,9 +209,8 @@ class Trainer:
             metrics["train/lr"] = lr
             logger.log(self.step, metrics)
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics.get('train/reward', float('nan')):.3f}",
-                            loss=f"{metrics.get('actor/loss', float('nan')):.4f}")
-            if log.render_every and self.step % log.render_every == 0:
+            bar.set_postfix({label: f"{metrics.get(key, float('nan')):.4f}" for label, key in self.progress_metrics.items()})
+            if self.renders_episodes and log.render_every and self.step % log.render_every == 0:
                 self.render(trajectories[: log.render_count])
             if self.val_sets and (self.step == last or (t.val_every and self.step % t.val_every == 0)):
                 self.validate()

@@ -204,6 +204,47 @@ class QwenVLAdapter:
             pieces += self._message_pieces(message)
         return self._encode_pieces([*pieces, [self.im_start_id], "assistant\n"])
 
+    def encode_conversation(self, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
+        """Ids of a conversation with assistant replies, and the mask of the replies.
+
+        Laid out exactly as a rollout lays out the same turns: `encode_prefix` up to the first reply,
+        each reply as ``tokenizer.encode(text) + [<|im_end|>]``, and after each reply the env-turn
+        layout of `encode_env_turn` (so supervised and RL sequences of one conversation are the same
+        ids). The mask is 1 on every reply's tokens and its ``<|im_end|>``, 0 elsewhere. A conversation
+        ending with a user message ends with the assistant header (a prompt to generate from).
+
+        Args:
+            messages: system/user/assistant messages; every assistant message is text and follows a
+                user message.
+        """
+        replies = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+        for i in replies:
+            if i == 0 or messages[i - 1].get("role") != "user" or not isinstance(messages[i].get("content"), str):
+                raise ValueError(
+                    f"Expects every assistant message to be text after a user message, actual: message {i} "
+                    f"after {messages[i - 1].get('role') if i else 'nothing'!r}"
+                )
+        ends = replies if replies and replies[-1] == len(messages) - 1 else [*replies, len(messages)]
+        ids: list[int] = []
+        mask: list[int] = []
+        start = 0  # first message not yet encoded
+        for end in ends:
+            if start == 0:
+                context = self.encode_prefix(messages[:end])
+            else:
+                pieces: list[str | list[int]] = ["\n"]
+                for message in messages[start:end]:
+                    pieces += self._message_pieces(message)
+                context = self._encode_pieces([*pieces, [self.im_start_id], "assistant\n"])
+            ids += context
+            mask += [0] * len(context)
+            if end < len(messages):
+                reply = [*self.tokenizer.encode(messages[end]["content"], add_special_tokens=False), self.im_end_id]
+                ids += reply
+                mask += [1] * len(reply)
+            start = end + 1
+        return ids, mask
+
     def encode_env_turn(self, user_message: Message, after_generation_ended_with_eos: bool) -> list[int]:
         """Ids that follow the model's generated ids: close its turn, the env's user turn, a new header.
 

@@ -53,6 +53,27 @@ TINY_SIZES: dict[str, TinySize] = {
 }
 """Presets by name; the name is the rough total parameter count."""
 
+TOY_BASE_MODEL: dict[str, Any] = {
+    "size": "1m",
+    "patch_size": 28,
+    "merge_size": 1,
+    "rope_theta": 10.0,
+    "min_pixels": 224 * 224,
+    "max_pixels": 224 * 224,
+}
+"""`build_tiny_model` arguments of the toy base (``zoomgym tiny-model OUT --preset toy-base``, and what
+``zoomgym toy-base`` fine-tunes). Why each differs from the defaults:
+
+* ``rope_theta=10``: at Qwen's 1e6 and a head size of 32 the slowest M-RoPE frequencies barely turn
+  across an 8x8 grid, so the language model cannot tell where an image token sits and cannot learn
+  to write a box; at 10 neighbouring tokens differ clearly in every rotary pair.
+* patch 28, merge 1: one visual token per 28x28 shown pixels, as in Qwen2.5-VL, from a single patch,
+  so each token sees exactly its cell (no 2x2 merge blurring neighbours for a 1M model).
+* a fixed 224x224 budget: every image, view or crop, is shown at 224x224 (8x8 tokens). The synthetic
+  ``cpu`` canvas (672 px) is then shown at a third of its size, where its checked patches average to
+  grey (the view hides the answer), while a crop of one token's cell (96 canvas px) is shown 2.3x
+  enlarged, where the checks are plain to see."""
+
 ARCHES = ("qwen2_5_vl", "qwen2_vl")
 """Architectures ``build_tiny_model`` can build (``config.model_type``)."""
 
@@ -70,7 +91,7 @@ def mrope_section(head_dim: int) -> list[int]:
 
 
 def _config(arch: str, size: TinySize, vocab_size: int, token_ids: dict[str, int], patch_size: int,
-            merge_size: int) -> Any:
+            merge_size: int, rope_theta: float) -> Any:
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     text = {
@@ -84,7 +105,7 @@ def _config(arch: str, size: TinySize, vocab_size: int, token_ids: dict[str, int
         "max_window_layers": size.text_layers,
         "rope_parameters": {
             "rope_type": "default",
-            "rope_theta": 1_000_000.0,
+            "rope_theta": rope_theta,
             "mrope_section": mrope_section(size.text_hidden // size.text_heads),
         },
         "bos_token_id": token_ids["<|endoftext|>"],
@@ -137,6 +158,7 @@ def build_tiny_model(
     arch: str = "qwen2_5_vl",
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    rope_theta: float = 1_000_000.0,
 ) -> Path:
     """Build, randomly initialise and save a tiny Qwen-VL model folder; load it with ``from_pretrained``.
 
@@ -149,6 +171,8 @@ def build_tiny_model(
         arch: ``"qwen2_5_vl"`` or ``"qwen2_vl"``.
         min_pixels, max_pixels: the image processor's pixel budget; default ``64 * factor**2`` and
             ``256 * factor**2``.
+        rope_theta: base of the language model's rotary frequencies (Qwen's 1e6 by default; see
+            `TOY_BASE_MODEL` for why a tiny model that must locate image tokens wants 10).
 
     Returns:
         ``Path(out_dir)``.
@@ -170,6 +194,8 @@ def build_tiny_model(
     for name, value in (("merge_size", merge_size), ("patch_size", patch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Expects {name} to be a positive int, actual: {value!r}")
+    if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not 1 < rope_theta < float("inf"):
+        raise ValueError(f"Expects rope_theta to be a finite number > 1, actual: {rope_theta!r}")
     factor = patch_size * merge_size
     min_pixels = 64 * factor**2 if min_pixels is None else min_pixels
     max_pixels = 256 * factor**2 if max_pixels is None else max_pixels
@@ -184,7 +210,7 @@ def build_tiny_model(
                  ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                   "<|vision_end|>")}
     vocab_size = -(-len(tokenizer) // 64) * 64  # rounded up to a multiple of 64, like Qwen's 152064
-    config = _config(arch, TINY_SIZES[size], vocab_size, token_ids, patch_size, merge_size)
+    config = _config(arch, TINY_SIZES[size], vocab_size, token_ids, patch_size, merge_size, float(rope_theta))
     model_class = Qwen2_5_VLForConditionalGeneration if arch == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -208,29 +234,34 @@ def build_tiny_model(
 
 
 def tiny_model_main(argv: list[str] | None = None) -> int:
-    """``zoomgym tiny-model OUT [--size 1m|10m|50m] [--seed N] [--merge-size N] [--patch-size N] [--arch A]``."""
+    """``zoomgym tiny-model OUT [--preset toy-base] [--size 1m|10m|50m] [--seed N] [--merge-size N]
+    [--patch-size N] [--arch A] [--min-pixels N] [--max-pixels N] [--rope-theta X]``."""
     parser = argparse.ArgumentParser(
         prog="zoomgym tiny-model",
         description="Build a randomly initialised tiny Qwen-VL model folder offline (for tests and the quickstart).",
     )
     parser.add_argument("out", type=Path, help="folder to write")
-    parser.add_argument("--size", choices=sorted(TINY_SIZES), default="1m", help="preset (default: 1m)")
+    parser.add_argument("--preset", choices=["toy-base"], default=None,
+                        help="toy-base: the settings of TOY_BASE_MODEL (other flags override them)")
+    parser.add_argument("--size", choices=sorted(TINY_SIZES), default=None, help="preset (default: 1m)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
-    parser.add_argument("--merge-size", type=int, default=2, help="vision tokens merged per side (default: 2)")
-    parser.add_argument("--patch-size", type=int, default=14, help="vision patch side in pixels (default: 14)")
+    parser.add_argument("--merge-size", type=int, default=None, help="vision tokens merged per side (default: 2)")
+    parser.add_argument("--patch-size", type=int, default=None, help="vision patch side in pixels (default: 14)")
     parser.add_argument("--arch", choices=ARCHES, default="qwen2_5_vl", help="architecture (default: qwen2_5_vl)")
     parser.add_argument("--min-pixels", type=int, default=None, help="image budget floor (default: 64*factor^2)")
     parser.add_argument("--max-pixels", type=int, default=None, help="image budget cap (default: 256*factor^2)")
+    parser.add_argument("--rope-theta", type=float, default=None, help="rotary base of the LM (default: 1e6)")
     args = parser.parse_args(argv)
+    settings = dict(TOY_BASE_MODEL) if args.preset == "toy-base" else {}
+    given = {"size": args.size, "merge_size": args.merge_size, "patch_size": args.patch_size,
+             "min_pixels": args.min_pixels, "max_pixels": args.max_pixels, "rope_theta": args.rope_theta}
+    settings.update({key: value for key, value in given.items() if value is not None})
     try:
-        out = build_tiny_model(
-            args.out, args.size, args.seed, merge_size=args.merge_size, patch_size=args.patch_size,
-            arch=args.arch, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-        )
+        out = build_tiny_model(args.out, seed=args.seed, arch=args.arch, **settings)
     except ValueError as error:
         parser.error(str(error))
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(out, local_files_only=True)
-    print(f"wrote a tiny {config.model_type} ({args.size}, seed {args.seed}) to {out}")
+    print(f"wrote a tiny {config.model_type} ({settings.get('size', '1m')}, seed {args.seed}) to {out}")
     return 0
