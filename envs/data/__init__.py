@@ -8,7 +8,7 @@ an `ImageRef` (an image stored in a cell of a parquet/TSV/jsonl file, read on de
 """
 
 from zoomgym.envs.data import toy_tasks  # noqa: E402, F401, I001 - registers the toy base's chat tasks
-from zoomgym.envs.data.chats import CHAT_TASKS, Chat, load_chats, make_chats, register_chat_task
+from zoomgym.envs.data.chats import CHAT_TASKS, ChatExample, load_chats, make_chats, register_chat_task
 from zoomgym.envs.data.images import (
     MAX_IMAGE_PIXELS,
     SUPPORTED_MODES,
@@ -42,7 +42,7 @@ __all__ = [
     "SUPPORTED_MODES",
     "SYNTHETIC_PRESETS",
     "CacheInfo",
-    "Chat",
+    "ChatExample",
     "ImageLoadError",
     "ImageRef",
     "ImageSource",

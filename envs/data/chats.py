@@ -1,4 +1,4 @@
-"""Multimodal chats for supervised fine-tuning: the `Chat` type, the jsonl format and registered tasks.
+"""Multimodal chats for supervised fine-tuning: the `ChatExample` type, the jsonl format and registered tasks.
 
 A chat is a conversation whose assistant turns are the targets of teacher forcing (``zoomgym sft``).
 It comes from a jsonl file (``load_chats``) or from a registered task that generates chats
@@ -40,7 +40,7 @@ Message = dict[str, Any]
 
 
 @dataclass(frozen=True, eq=False)
-class Chat:
+class ChatExample:
     """One conversation to imitate.
 
     Attributes:
@@ -92,7 +92,7 @@ def _image_sample(chat_id: str, index: int, source: ImageSource) -> Sample:
     return Sample(id=f"{chat_id} image {index}", image=source, question="", options=("-",), answer="A")
 
 
-def load_chats(path: str | Path, *, allow_outside_root: bool = False, limit: int | None = None) -> list[Chat]:
+def load_chats(path: str | Path, *, allow_outside_root: bool = False, limit: int | None = None) -> list[ChatExample]:
     """Chats from a jsonl file (module docstring); raises ValueError naming the file, line and key.
 
     Args:
@@ -101,7 +101,7 @@ def load_chats(path: str | Path, *, allow_outside_root: bool = False, limit: int
         limit: keep the first ``limit`` chats.
     """
     path = Path(path)
-    chats: list[Chat] = []
+    chats: list[ChatExample] = []
     seen: set[str] = set()
     for number, record, _ in _read_json_lines(path):
         where = _Where(path, "line", number)
@@ -115,7 +115,7 @@ def load_chats(path: str | Path, *, allow_outside_root: bool = False, limit: int
         category = record.get("category", "")
         if not isinstance(category, str):
             raise where.error("category", "a string", category)
-        chats.append(Chat(chat_id, tuple(messages), category))
+        chats.append(ChatExample(chat_id, tuple(messages), category))
         if limit is not None and len(chats) >= limit:
             break
     if not chats:
@@ -159,15 +159,15 @@ def _messages(value: Any, where: _Where, folder: Path, chat_id: str, allow_outsi
     return out
 
 
-ChatTask = Callable[..., list[Chat]]
-"""``task(n, seed, view_budget, **options) -> list[Chat]``: ``n`` chats, a function of its arguments only,
+ChatTask = Callable[..., list[ChatExample]]
+"""``task(n, seed, view_budget, **options) -> list[ChatExample]``: ``n`` chats, a function of its arguments only,
 with images already at their shown size under ``view_budget`` (the model's)."""
 
 CHAT_TASKS: Registry[ChatTask] = Registry("chat task")
-"""Chat generators by name (``sft.train[*].task`` in a config)."""
+"""ChatExample generators by name (``sft.train[*].task`` in a config)."""
 
 TOKEN_LABEL_CLASSES: dict[str, dict[str, int]] = {}
-"""Per task, the class count of each ``Chat.token_labels`` head it writes (sizes the SFT's aux heads)."""
+"""Per task, the class count of each ``ChatExample.token_labels`` head it writes (sizes the SFT's aux heads)."""
 
 
 def register_chat_task(name: str, label_classes: Mapping[str, int] | None = None) -> Callable[[ChatTask], ChatTask]:
@@ -181,6 +181,6 @@ def register_chat_task(name: str, label_classes: Mapping[str, int] | None = None
     return add
 
 
-def make_chats(task: str, n: int, seed: int, view_budget: Any, options: Mapping[str, Any] | None = None) -> list[Chat]:
+def make_chats(task: str, n: int, seed: int, view_budget: Any, options: Mapping[str, Any] | None = None) -> list[ChatExample]:
     """``n`` chats of the registered ``task``."""
     return CHAT_TASKS.lookup(task)(n, seed, view_budget, **dict(options or {}))

@@ -13,7 +13,7 @@ from a model that can write a box and read a close-up, but has never seen the tw
   and a short intro before the close-up, so reading does not depend on the close-up being the only
   image, as it is not in turn 2 of the zoom protocol.
 
-Both attach the training-only token targets of `Chat`: per visual token the frame colour it shows
+Both attach the training-only token targets of `ChatExample`: per visual token the frame colour it shows
 (0: none), the colour pair of checks it shows (0: none), its row and its column; and, as ``attend``,
 the tokens of the answer's cell (grounding) or of the checks in the close-up (reading).
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from zoomgym.envs.data.chats import Chat, register_chat_task
+from zoomgym.envs.data.chats import ChatExample, register_chat_task
 from zoomgym.envs.data.images import load_image
 from zoomgym.envs.data.sample import LETTERS, Sample
 from zoomgym.envs.data.synthetic import COLOUR_PAIRS, FRAME_COLOURS, synthetic
@@ -207,7 +207,7 @@ def _items(n: int, seed: int, budget: ViewBudget, start: int = 0) -> list[_Item]
     return [_Item(s, budget) for s in samples]
 
 
-def _chat(sample_id: str, category: str, turns: list[Turn]) -> Chat:
+def _chat(sample_id: str, category: str, turns: list[Turn]) -> ChatExample:
     """A chat of ``turns``; only the last reply's attention is supervised (an earlier exchange is about
     another canvas, and the loss pulls every reply position toward all of the chat's targets)."""
     messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}]
@@ -217,11 +217,11 @@ def _chat(sample_id: str, category: str, turns: list[Turn]) -> Chat:
         messages += [*users, {"role": "assistant", "content": reply}]
         labels += turn_labels
         attend += turn_attend if i == len(turns) - 1 else [np.zeros_like(a) for a in turn_attend]
-    return Chat(f"{category}-{sample_id}", tuple(messages), category, tuple(labels), tuple(attend))
+    return ChatExample(f"{category}-{sample_id}", tuple(messages), category, tuple(labels), tuple(attend))
 
 
 @register_chat_task("toy_grounding", TOKEN_CLASSES)
-def toy_grounding(n: int, seed: int, view_budget: ViewBudget) -> list[Chat]:
+def toy_grounding(n: int, seed: int, view_budget: ViewBudget) -> list[ChatExample]:
     """``n`` grounding chats (module docstring)."""
     rng = np.random.default_rng([seed, 11])
     return [_chat(item.sample.id, "grounding", [_grounding_turn(item, rng)])
@@ -230,7 +230,7 @@ def toy_grounding(n: int, seed: int, view_budget: ViewBudget) -> list[Chat]:
 
 @register_chat_task("toy_reading", TOKEN_CLASSES)
 def toy_reading(n: int, seed: int, view_budget: ViewBudget, *, overview_ratio: float = 0.5,
-                history_ratio: float = 0.5) -> list[Chat]:
+                history_ratio: float = 0.5) -> list[ChatExample]:
     """``n`` reading chats (module docstring): ``overview_ratio`` of them show the overview before the
     close-up, ``history_ratio`` begin with an unrelated grounding or reading exchange on another canvas."""
     rng = np.random.default_rng([seed, 12])
@@ -248,7 +248,7 @@ def toy_reading(n: int, seed: int, view_budget: ViewBudget, *, overview_ratio: f
 
 
 @register_chat_task("toy_view_answer")
-def toy_view_answer(n: int, seed: int, view_budget: ViewBudget) -> list[Chat]:
+def toy_view_answer(n: int, seed: int, view_budget: ViewBudget) -> list[ChatExample]:
     """``n`` chats that ask for the answer from the view alone (no close-up): the supervised control of
     ``make reproduce``. The view hides the answer, so no model should beat chance on held-out ones."""
     chats = []

@@ -23,7 +23,7 @@ def test_train_quickstart(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = zoomgym(
         "train", "configs/quickstart.yaml", "trainer.steps=1",
-        f"model.path={tmp_path / 'tiny'}",  # absent: built on first use (model.build_tiny: 1m)
+        f"model.path={tmp_path / 'tiny'}", "model.build_tiny=1m",  # absent: built on first use
         "model.min_pixels=12544", "model.max_pixels=12544", "env.options.check_view_budget=false",
         "data.train.options={n: 4, seed: 0, preset: cpu}",
         "data.val=[{name: synthetic, options: {n: 1, seed: 1, preset: cpu}}]",

@@ -221,12 +221,51 @@ def test_token_heads_and_attention_loss_train_on_toy_chats(toy_sft_config) -> No
 
 def test_score_generation_hit_needs_a_tight_valid_box() -> None:
     from zoomgym.algorithms.sft import score_generation
-    from zoomgym.envs.data.chats import Chat
+    from zoomgym.envs.data.chats import ChatExample
 
-    chat = Chat("c", ({"role": "user", "content": "q"}, {"role": "assistant", "content": "[56, 56, 84, 84]"}))
+    chat = ChatExample("c", ({"role": "user", "content": "q"}, {"role": "assistant", "content": "[56, 56, 84, 84]"}))
     assert score_generation(chat, "[50, 50, 90, 90]", (224, 224))["box_hit_ratio"] == 1.0
     assert score_generation(chat, "[0, 0, 224, 224]", (224, 224)) == {"exact_match": 0.0, "box_valid_ratio": 1.0,
                                                                         "box_hit_ratio": 0.0}
     assert score_generation(chat, "[0, 0, 300, 30]", (224, 224))["box_valid_ratio"] == 0.0
-    letter = Chat("l", ({"role": "user", "content": "q"}, {"role": "assistant", "content": "\\boxed{B}"}))
+    letter = ChatExample("l", ({"role": "user", "content": "q"}, {"role": "assistant", "content": "\\boxed{B}"}))
     assert score_generation(letter, "so \\boxed{B}", (224, 224)) == {"exact_match": 0.0, "answer_accuracy": 1.0}
+
+
+# -- the toy base ----------------------------------------------------------------------------------------
+
+
+def test_toy_base_picks_a_partly_grounded_checkpoint() -> None:
+    from zoomgym.algorithms.toy_base import HIT_KEY, READING_KEY, VALID_KEY, pick_checkpoint
+
+    def v(read: float, valid: float, hit: float) -> dict[str, float]:
+        return {READING_KEY: read, VALID_KEY: valid, HIT_KEY: hit}
+
+    history = {50: v(0.5, 0.2, 0.1), 100: v(0.95, 0.95, 0.3), 150: v(0.97, 0.99, 0.45), 200: v(0.99, 1.0, 0.7)}
+    assert pick_checkpoint(history, [50, 100, 150, 200])[0] == 150  # the earliest in the wanted range
+    history[150] = v(0.97, 0.99, 0.65)
+    assert pick_checkpoint(history, [50, 100, 150, 200])[0] == 150  # none inside: closest to the middle
+    assert pick_checkpoint({50: v(0.5, 0.2, 0.1)}, [50, 100]) == (100, pick_checkpoint({}, [50, 100])[1])
+
+
+def test_toy_base_is_built_once_per_recipe_and_is_a_stock_folder(tmp_path: Path, capsys) -> None:
+    from transformers import AutoModelForImageTextToText
+    from zoomgym.algorithms.cli import main
+
+    small = ["trainer.steps=2", "trainer.val_every=1", "trainer.save_every=1",
+             "sft.train=[{task: toy_grounding, n: 4, seed: 1000}, {task: toy_reading, n: 4, seed: 1001}]",
+             "sft.val=[{task: toy_grounding, n: 2, seed: 2000, label: grounding}, {task: toy_reading, n: 2, seed: 2001, label: reading}]",
+             "sft.batch_size=2", "logging.progress_bar=false"]
+    assert main(["toy-base", *small, "--cache", str(tmp_path)]) == 0
+    first = capsys.readouterr().out
+    (home,) = tmp_path.glob("toy-base-*")
+    report = json.loads((home / "report.json").read_text())
+    assert report["step"] in (1, 2) and "held-out" in first and str(home / "model") in first
+    assert not (home / "model" / "trainer_state.pt").exists()
+    AutoModelForImageTextToText.from_pretrained(home / "model")  # no project code needed
+    stamp = (home / "report.json").stat().st_mtime_ns
+    assert main(["toy-base", *small, "--cache", str(tmp_path)]) == 0  # same recipe: reused, not rebuilt
+    assert (home / "report.json").stat().st_mtime_ns == stamp
+    assert main(["toy-base", *small, "trainer.seed=1", "--cache", str(tmp_path), ]) == 0  # another recipe
+    assert len(list(tmp_path.glob("toy-base-*"))) == 2
+    assert main(["toy-base", "model.path=x", "--cache", str(tmp_path)]) == 2
