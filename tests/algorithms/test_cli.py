@@ -23,7 +23,7 @@ def test_train_quickstart(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = zoomgym(
         "train", "configs/quickstart.yaml", "trainer.steps=1",
-        f"model.path={tmp_path / 'tiny'}",  # absent: built on first use (model.build_tiny: 1m)
+        f"model.path={tmp_path / 'tiny'}", f"model.build.into={tmp_path / 'tiny'}",  # absent: built on first use
         "model.min_pixels=12544", "model.max_pixels=12544", "env.options.check_view_budget=false",
         "data.train.options={n: 4, seed: 0, preset: cpu}",
         "data.val=[{name: synthetic, options: {n: 1, seed: 1, preset: cpu}}]",
@@ -77,7 +77,7 @@ def test_resume_uses_the_runs_own_config(tmp_path: Path) -> None:
 
 
 def test_eval_a_model_with_the_validation_protocol(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["eval", "configs/quickstart.yaml", f"model.path={tiny_model_dir}", "model.build_tiny=null",
+    rc = main(["eval", "configs/quickstart.yaml", f"model.path={tiny_model_dir}",
                "model.min_pixels=12544", "model.max_pixels=12544", "env.options.check_view_budget=false", "rollout.max_new_tokens=6",
                "data.val=[{name: synthetic, options: {n: 2, seed: 1, preset: cpu}, label: heldout}]"])
     assert rc == 0
