@@ -246,7 +246,7 @@ class TrainerConfig:
     adam_eps: float = 1e-8
     """AdamW epsilon."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this value before each optimizer step."""
+    """Clip the global gradient norm to this value before each optimizer step; 0 does not clip."""
     seed: int = 0
     """Seeds prompt order, rollouts and every other random draw (re-seeded per step: exact resume)."""
     device: str = "auto"
@@ -630,7 +630,6 @@ def _validate_ranges(cfg: Config) -> None:
         "warmup.batch_size": cfg.warmup.batch_size,
         "warmup.box_grid": cfg.warmup.box_grid,
         "trainer.adam_eps": t.adam_eps,
-        "trainer.grad_clip": t.grad_clip,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -643,6 +642,7 @@ def _validate_ranges(cfg: Config) -> None:
         "trainer.save_every": t.save_every,
         "trainer.keep_checkpoints": t.keep_checkpoints,
         "trainer.weight_decay": t.weight_decay,
+        "trainer.grad_clip": t.grad_clip,
         "algorithm.kl_coef": a.kl_coef,
         "algorithm.entropy_coef": a.entropy_coef,
         "algorithm.clip_high": a.clip_high,

@@ -154,7 +154,7 @@ def test_validate_checks_paths_before_loading(tmp_path: Path) -> None:
         ("algorithm.kl_coef=-.inf", "algorithm.kl_coef"),
         ("algorithm.kl_coef=.nan", "algorithm.kl_coef"),
         ("trainer.grad_clip=.nan", "trainer.grad_clip"),
-        ("trainer.grad_clip=0", "trainer.grad_clip"),
+        ("trainer.grad_clip=-1", "trainer.grad_clip"),
         ("algorithm.clip_low=.nan", "algorithm.clip_low"),
         ("algorithm.clip_low=1.5", "algorithm.clip_low"),
         ("trainer.weight_decay=-0.1", "trainer.weight_decay"),
