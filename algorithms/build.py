@@ -71,6 +71,23 @@ def load_samples(spec: DatasetConfig) -> list[Sample]:
     return samples[: spec.limit] if spec.limit is not None else samples
 
 
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+    """A config's samples: the training set and the validation sets by label."""
+
+    train: list[Sample]
+    val: dict[str, list[Sample]]
+
+
+def load_datasets(cfg: Config) -> Datasets:
+    """``data.train`` and every ``data.val`` set, loaded (every image's header checked)."""
+    train = load_samples(cfg.data.train)
+    if not train:
+        raise ValueError(f"config key 'data.train': expects a non-empty training set, actual: none from "
+                         f"{cfg.data.train.name!r}")
+    return Datasets(train, load_val_sets(cfg.data.val))
+
+
 def load_val_sets(specs: Sequence[DatasetConfig]) -> dict[str, list[Sample]]:
     """Validation sets by label (default the loader name; a repeated one gets a numeric suffix)."""
     sets: dict[str, list[Sample]] = {}

@@ -153,6 +153,9 @@ def test_resume_continues_exactly(mgpo_run: tuple[Any, dict[str, torch.Tensor]],
     for step in (2, 3):
         shutil.rmtree(halves_dir / "checkpoints" / f"step_{step:06d}")
     assert latest_checkpoint(halves_dir).name == "step_000001"
+    logged = (halves_dir / "metrics.jsonl").read_bytes()
+    with (halves_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "train/rew')  # the interrupted run was killed mid-line (issue 10: JSONDecodeError)
     # what `zoomgym train --resume RUN_DIR` does: the run's own config (validation and images off: they
     # draw no training randomness), the run's own folder
     cfg = load_config(halves_dir / "config.yaml", [f"logging.run_dir={halves_dir}", "trainer.val_every=0",
@@ -168,6 +171,7 @@ def test_resume_continues_exactly(mgpo_run: tuple[Any, dict[str, torch.Tensor]],
     train_a = [r for r in read_metrics(straight.run_dir) if "train/reward" in r]
     train_b = [r for r in read_metrics(halves_dir) if "train/reward" in r]
     assert [r["step"] for r in train_b] == [1, 2, 3]
+    assert (halves_dir / "metrics.jsonl").read_bytes().startswith(logged)  # appended to, never rewritten
     for key in ("train/reward", "actor/pg_loss", "actor/kl", "actor/entropy", "train/generated_tokens"):
         assert [r[key] for r in train_a] == [r[key] for r in train_b], key
     assert [step for step, _ in list_checkpoints(halves_dir)] == [3]  # keep_checkpoints=1 pruned step 1

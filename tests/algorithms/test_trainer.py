@@ -192,11 +192,12 @@ def test_validation_is_greedy_on_every_held_out_set() -> None:
 
     from zoomgym.algorithms.build import sampling_params
     from zoomgym.algorithms.config import Config as Cfg
-    from zoomgym.algorithms.trainer import Trainer
+    from zoomgym.algorithms.trainer import Trainer, UnreadableImages
 
     calls = []
     stub = SimpleNamespace(cfg=Cfg(), val_sets={"a": ["s1", "s2"], "b": ["s3"]}, step=4, first_validation={},
-                           last_validation={}, _validated_step=None, logger=SimpleNamespace(log=lambda step, m: None))
+                           last_validation={}, _validated_step=None, logger=SimpleNamespace(log=lambda step, m: None),
+                           unreadable=UnreadableImages())
     stub.rollout = lambda samples, group_size, *, greedy, seed: calls.append((samples, group_size, greedy)) or []
     metrics = Trainer.validate(stub)
     assert calls == [(["s1", "s2"], 1, True), (["s3"], 1, True)]  # one greedy episode per held-out sample
