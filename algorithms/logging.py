@@ -2,8 +2,8 @@
 
 One call per step, ``logger.log(step, metrics)``, writes the same numbers to both, so a plot in
 TensorBoard and a line in ``metrics.jsonl`` never disagree. Keys are namespaced (``train/reward``,
-``val/vstar/accuracy``, ``actor/clipfrac``, ``time/generation_s``); ARCHITECTURE.md's metrics glossary
-defines each one.
+``val/vstar/accuracy``, ``actor/clipfrac``, ``time/generation_s``); `algorithms.glossary` defines each
+one, and TensorBoard shows that definition as the scalar's description.
 
 ``metrics.jsonl`` is append-only: nothing a run logged is ever rewritten. A resumed run appends a marker
 line ``{"purge_step": N}`` (TensorBoard's word, and its ``purge_step``): the records above it with
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from zoomgym.algorithms.glossary import describe
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -47,6 +48,7 @@ class RunLogger:
             _end_with_a_whole_line(self.metrics_path)
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps({PURGE_KEY: purge_step}) + "\n")
+        self._described: set[str] = set()
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -61,15 +63,22 @@ class RunLogger:
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Append one ``{"step": step, key: value, ...}`` line and write each value as a scalar.
 
-        Values are converted with ``float()`` (0-d tensors included); NaN is written as null in JSON.
+        Values are converted with ``float()`` (0-d tensors included); NaN is written as null in JSON. A
+        key's first scalar carries its glossary definition as TensorBoard's description.
         """
         values = {key: float(value) for key, value in metrics.items()}
         record = {"step": step, **{k: (None if math.isnan(v) else v) for k, v in values.items()}}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._writer is not None:
+            from torch.utils.tensorboard.summary import scalar
+
             for key, value in values.items():
-                self._writer.add_scalar(key, value, global_step=step)
+                summary = scalar(key, value)
+                if key not in self._described:
+                    self._described.add(key)
+                    summary.value[0].metadata.summary_description = describe(key) or ""
+                self._writer._get_file_writer().add_summary(summary, step)  # add_scalar, with a description
             self._writer.flush()
 
     def log_images(self, step: int, tag: str, images: Sequence[np.ndarray]) -> None:

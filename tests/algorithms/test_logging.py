@@ -1,4 +1,4 @@
-"""Run outputs: metrics.jsonl is append-only and survives kills."""
+"""Run outputs: metrics.jsonl is append-only and survives kills; TensorBoard carries the glossary."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from zoomgym.algorithms.glossary import GLOSSARY, describe, markdown_table
 from zoomgym.algorithms.logging import METRICS_FILE, RunLogger, read_metrics
 
 
@@ -44,3 +45,26 @@ def test_read_metrics_skips_a_torn_last_line_only(tmp_path: Path) -> None:
     (tmp_path / METRICS_FILE).write_text('{"step": 0}\n{"ste\n{"step": 1}\n')
     with pytest.raises(ValueError, match="line 2 is not one"):
         read_metrics(tmp_path)
+
+
+def test_tensorboard_scalars_carry_their_glossary_description(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = RunLogger(tmp_path)
+    for step in (1, 2):
+        logger.log(step, {"train/reward": 0.5, "val/vstar/accuracy": 0.25, "my/own_metric": 1.0})
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert events.SummaryMetadata("train/reward").summary_description == describe("train/reward")
+    accuracy = events.SummaryMetadata("val/vstar/accuracy").summary_description
+    assert accuracy == describe("val/vstar/accuracy") and accuracy.startswith("share of episodes whose final answer")
+    assert events.SummaryMetadata("my/own_metric").summary_description == ""  # a key the glossary lacks
+    assert [e.value for e in events.Scalars("train/reward")] == [0.5, 0.5]
+
+
+def test_the_glossary_matches_the_keys_it_defines() -> None:
+    assert describe("train/accuracy/attribute").startswith("accuracy over the episodes of one sample category")
+    assert describe("val/hrbench4k/accuracy_not_zoomed") == describe("train/accuracy_zoomed")
+    assert describe("actor/clipfrac_dual") == describe("actor/clipfrac")
+    assert describe("train/reward_typo") is None
+    assert markdown_table().count("\n") == len(GLOSSARY) + 2

@@ -9,6 +9,7 @@ import pytest
 import torch
 from zoomgym.algorithms.build import build_agent
 from zoomgym.algorithms.config import Config
+from zoomgym.algorithms.glossary import describe
 from zoomgym.algorithms.grpo import GRPO
 from zoomgym.algorithms.logging import read_metrics
 from zoomgym.algorithms.run import run
@@ -45,11 +46,14 @@ def check_finished_run(algo: Any, initial: dict[str, torch.Tensor], env_id: str,
     val = [r for r in records if "val/synthetic/accuracy" in r]
     assert [r["step"] for r in val] == [0, 3]  # before training and after the last step
     assert (turns == 2) == ("val/synthetic/valid_box_ratio" in val[0])  # grounding stats only with a zoom turn
+    undefined = sorted({key for r in records for key in r if key != "step" and describe(key) is None})
+    assert not undefined, f"keys missing from algorithms/glossary.py: {undefined}"
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0}).Reload()
     assert {"train/reward", "val/synthetic/accuracy", "actor/clipfrac"} <= set(events.Tags()["scalars"])
+    assert events.SummaryMetadata("actor/clipfrac").summary_description == describe("actor/clipfrac")
     assert "train/trajectories/0" in events.Tags()["images"]
     assert (run_dir / "config.yaml").is_file()
 
