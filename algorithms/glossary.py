@@ -100,8 +100,12 @@ GLOSSARY: tuple[Metric, ...] = (
     Metric(("warmup/loss_first", "warmup/loss_last"), "format warm-up only (`warmup.enabled`, logged at step 0): "
            "teacher-forced token-mean cross-entropy of the scripted turns, first and last warm-up step"),
     Metric(("warmup/steps", "warmup/seconds"), "format warm-up only: optimizer steps taken and wall time"),
-    Metric(("train/trajectories/<k>",), "`env.render()` of replayed episodes every `logging.render_every` steps: "
-           "original with boxes, crops beside it", kind="image"),
+    Metric(("train/trajectories/<k>",), "every `logging.render_every` steps, `env.render()` of replayed episodes of "
+           "distinct samples: the original with the ground-truth (blue) and model (green valid, red invalid) boxes, "
+           "the crops beside it, the episode in words below", kind="image"),
+    Metric(("val/<set>/samples",), "at each validation, the first `logging.render_count` episodes in words: the "
+           "question, the model's text per turn and what the env made of it, the parsed answer, the truth, the "
+           "reward; the same text goes to `RUN_DIR/samples.jsonl`", kind="text"),
 )
 """Every key `zoomgym train` logs, in the order of ARCHITECTURE.md's table."""
 

@@ -1,4 +1,5 @@
-"""Run outputs: ``metrics.jsonl`` (always) and TensorBoard events (scalars and rendered trajectories).
+"""Run outputs: ``metrics.jsonl`` (always), TensorBoard events (scalars, rendered trajectories, episode
+texts) and ``samples.jsonl`` (validation episodes in words).
 
 One call per step, ``logger.log(step, metrics)``, writes the same numbers to both, so a plot in
 TensorBoard and a line in ``metrics.jsonl`` never disagree. Keys are namespaced (``train/reward``,
@@ -25,6 +26,7 @@ import numpy as np
 from zoomgym.algorithms.glossary import describe
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 PURGE_KEY = "purge_step"
 
@@ -88,6 +90,18 @@ class RunLogger:
         for i, image in enumerate(images):
             self._writer.add_image(f"{tag}/{i}", np.asarray(image), global_step=step, dataformats="HWC")
         self._writer.flush()
+
+    def log_samples(self, step: int, tag: str, records: Sequence[Mapping[str, Any]]) -> None:
+        """Append each record (with ``"step"`` and ``"tag"``) to ``RUN_DIR/samples.jsonl`` and its
+        ``"text"`` to TensorBoard's text plugin under ``tag``: the same words in both."""
+        with (self.run_dir / SAMPLES_FILE).open("a") as f:
+            for record in records:
+                f.write(json.dumps({"step": step, "tag": tag, **record}) + "\n")
+        if self._writer is not None and records:
+            # Preformatted: TensorBoard renders text as Markdown, and model output is no Markdown.
+            text = "\n\n".join("\n".join("    " + line for line in r["text"].splitlines()) for r in records)
+            self._writer.add_text(tag, text, global_step=step)
+            self._writer.flush()
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer."""

@@ -9,10 +9,12 @@ takes more than one optimizer step per step, ``updates_per_step``::
     algo.learn(10)                                            # 10 steps; returns algo
 
 ``learn`` validates greedily before the first step (``trainer.val_before_train``), every
-``trainer.val_every`` steps and after the last, logs every step to ``RUN_DIR/metrics.jsonl`` and
-TensorBoard, renders a few trajectories every ``logging.render_every`` steps, and checkpoints every
-``trainer.save_every`` steps and after the last. The run directory is created (and the resolved config
-written into it) on the first log, not when the trainer is built.
+``trainer.val_every`` steps and after the last (writing the first ``logging.render_count`` episodes of
+each set in words to TensorBoard and ``RUN_DIR/samples.jsonl``), logs every step to
+``RUN_DIR/metrics.jsonl`` and TensorBoard, renders trajectories of distinct samples every
+``logging.render_every`` steps, and checkpoints every ``trainer.save_every`` steps and after the last.
+The run directory is created (and the resolved config written into it) on the first log, not when the
+trainer is built.
 
 A sample whose image fails to decode during a rollout (`envs.data.ImageLoadError`) is skipped with its
 whole group, counted (``train/skipped_samples``, ``val/<set>/skipped_samples``) and named on stderr
@@ -230,7 +232,7 @@ class Trainer:
             bar.set_postfix(reward=f"{metrics.get('train/reward', float('nan')):.3f}",
                             loss=f"{metrics.get('actor/loss', float('nan')):.4f}")
             if log.render_every and self.step % log.render_every == 0:
-                self.render(trajectories[: log.render_count])
+                self.render(distinct_samples(trajectories, log.render_count))
             if self.val_sets and (self.step == last or (t.val_every and self.step % t.val_every == 0)):
                 self.validate()
             if self.step == last or (t.save_every and self.step % t.save_every == 0):
@@ -261,8 +263,10 @@ class Trainer:
             )
 
     def validate(self) -> dict[str, float]:
-        """Greedy episodes on every validation set; logs ``val/<set>/...`` at the current step."""
+        """Greedy episodes on every validation set; logs ``val/<set>/...`` at the current step, and the
+        first ``logging.render_count`` episodes of each set in words (`algorithms.logging.RunLogger.log_samples`)."""
         from zoomgym.agents.metrics import episode_metrics
+        from zoomgym.envs.render import episode_text
 
         metrics: dict[str, float] = {}
         start = time.perf_counter()
@@ -271,6 +275,12 @@ class Trainer:
             trajectories = self.rollout(samples, 1, greedy=True, seed=validation_seed(self.cfg))
             metrics.update(episode_metrics(trajectories, f"val/{name}"))
             metrics[f"val/{name}/skipped_samples"] = float(self.unreadable.count)
+            by_id = {sample.id: sample for sample in samples}
+            records = [{"sample_id": t.sample_id, "reward": t.reward, "answer": t.infos[-1].get("answer"),
+                        "truth": by_id[t.sample_id].answer, "turns": list(t.actions),
+                        "text": episode_text(by_id[t.sample_id], t.actions, t.infos, t.reward)}
+                       for t in trajectories[: self.cfg.logging.render_count]]
+            self.logger.log_samples(self.step, f"val/{name}/samples", records)
         metrics["time/validation_s"] = time.perf_counter() - start
         self.logger.log(self.step, metrics)
         if self.step == 0 or not self.first_validation:
@@ -337,6 +347,17 @@ class Trainer:
         self._validated_step = self.step  # the interrupted run validated here already if it was due
         self.log_from_step = self.step + 1
         self.agent.sync_weights(self.step)
+
+
+def distinct_samples(trajectories: Sequence[Trajectory], count: int) -> list[Trajectory]:
+    """The first trajectory of each of the first `count` samples (a group's rollouts share one image)."""
+    seen: set[str] = set()
+    picked = []
+    for trajectory in trajectories:
+        if trajectory.sample_id not in seen and len(picked) < count:
+            seen.add(trajectory.sample_id)
+            picked.append(trajectory)
+    return picked
 
 
 class _TimedEnv:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from zoomgym.algorithms.glossary import GLOSSARY, describe, markdown_table
-from zoomgym.algorithms.logging import METRICS_FILE, RunLogger, read_metrics
+from zoomgym.algorithms.logging import METRICS_FILE, SAMPLES_FILE, RunLogger, read_metrics
 
 
 def history(run_dir: Path, steps: int, torn: str = "") -> bytes:
@@ -53,6 +53,7 @@ def test_tensorboard_scalars_carry_their_glossary_description(tmp_path: Path) ->
     logger = RunLogger(tmp_path)
     for step in (1, 2):
         logger.log(step, {"train/reward": 0.5, "val/vstar/accuracy": 0.25, "my/own_metric": 1.0})
+    logger.log_samples(2, "val/vstar/samples", [{"sample_id": "a", "text": "sample a: q?\nparsed answer: A"}])
     logger.close()
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert events.SummaryMetadata("train/reward").summary_description == describe("train/reward")
@@ -60,6 +61,9 @@ def test_tensorboard_scalars_carry_their_glossary_description(tmp_path: Path) ->
     assert accuracy == describe("val/vstar/accuracy") and accuracy.startswith("share of episodes whose final answer")
     assert events.SummaryMetadata("my/own_metric").summary_description == ""  # a key the glossary lacks
     assert [e.value for e in events.Scalars("train/reward")] == [0.5, 0.5]
+    assert "val/vstar/samples/text_summary" in events.Tags()["tensors"]
+    (record,) = [json.loads(line) for line in (tmp_path / SAMPLES_FILE).read_text().splitlines()]
+    assert record == {"step": 2, "tag": "val/vstar/samples", "sample_id": "a", "text": "sample a: q?\nparsed answer: A"}
 
 
 def test_the_glossary_matches_the_keys_it_defines() -> None:
