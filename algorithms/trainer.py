@@ -133,7 +133,8 @@ class Trainer:
         run_dir: where config, metrics, TensorBoard events and checkpoints go (created on the first log).
         model: the module the optimizer trains (the agent's model, LoRA adapters injected if configured).
         peft_model: the peft wrapper of ``model`` with LoRA, else None.
-        first_validation, last_validation: validation metrics before the first and after the latest step.
+        first_validation, last_validation: validation metrics before the first step (empty unless it
+            ran: ``trainer.val_before_train``) and after the latest step.
         log_from_step: set when this process continues an interrupted run: the first step it logs (what
             the interrupted run logged from there on is superseded, `algorithms.logging`).
         unreadable: the samples skipped for an image that failed to decode (`UnreadableImages`).
@@ -159,7 +160,7 @@ class Trainer:
 
         datasets = datasets if datasets is not None else load_datasets(config)
         self.train_samples, self.val_sets = datasets.train, datasets.val
-        self.run_dir = Path(config.logging.run_dir or f"runs/{config.name}-{datetime.now():%Y%m%d-%H%M%S}")
+        self.run_dir = Path(config.logging.run_dir or default_run_dir(config))
 
         self.model = agent.model
         self.peft_model = prepare_model(self.model, config.model)
@@ -283,8 +284,8 @@ class Trainer:
             self.logger.log_samples(self.step, f"val/{name}/samples", records)
         metrics["time/validation_s"] = time.perf_counter() - start
         self.logger.log(self.step, metrics)
-        if self.step == 0 or not self.first_validation:
-            self.first_validation = metrics
+        if self.step == 0:
+            self.first_validation = metrics  # "before training": only a validation of the initial model
         self.last_validation = metrics
         self._validated_step = self.step
         return metrics
@@ -347,6 +348,11 @@ class Trainer:
         self._validated_step = self.step  # the interrupted run validated here already if it was due
         self.log_from_step = self.step + 1
         self.agent.sync_weights(self.step)
+
+
+def default_run_dir(cfg: Config) -> str:
+    """``runs/<algorithm>-<name>-<YYYYmmdd-HHMMSS>``, e.g. ``runs/mgpo-quickstart-20260101-120000``."""
+    return f"runs/{cfg.algorithm.name}-{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def distinct_samples(trajectories: Sequence[Trajectory], count: int) -> list[Trajectory]:

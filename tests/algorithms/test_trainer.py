@@ -215,6 +215,8 @@ def test_validation_is_greedy_on_every_held_out_set() -> None:
     metrics = Trainer.validate(stub)
     assert calls == [([s1, s2], 1, True), ([s3], 1, True)]  # one greedy episode per held-out sample
     assert "time/validation_s" in metrics and stub._validated_step == 4
+    # Issue 10: with trainer.val_before_train=false the first validation (step 4) was printed as "before training".
+    assert stub.first_validation == {} and stub.last_validation is metrics
     greedy = sampling_params(stub.cfg, greedy=True, seed=0)
     assert greedy.temperature == 0.0 and greedy.top_p == 1.0 and greedy.greedy
     assert sampling_params(stub.cfg, greedy=False, seed=0).temperature == stub.cfg.rollout.temperature == 1.0
@@ -310,3 +312,15 @@ def test_rendered_slots_show_distinct_samples() -> None:
     group = [SimpleNamespace(sample_id=s) for s in ("a", "a", "b", "b", "c", "c")]
     assert [t.sample_id for t in distinct_samples(group, 2)] == ["a", "b"]
     assert distinct_samples(group, 2)[1] is group[2]
+
+
+def test_runs_are_named_after_the_algorithm() -> None:
+    """Issue 10: runs/<name>-<date> hid which algorithm a quickstart run trained."""
+    from pathlib import Path
+
+    from zoomgym.algorithms.config import load_config
+    from zoomgym.algorithms.trainer import default_run_dir
+
+    quickstart = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+    assert default_run_dir(load_config(quickstart)).startswith("runs/mgpo-quickstart-")
+    assert default_run_dir(load_config(quickstart, ["algorithm.name=grpo"])).startswith("runs/grpo-quickstart-")
