@@ -26,10 +26,12 @@ room for the checkpoint (`checkpoint_bytes`) and reports a failed write naming t
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +189,8 @@ def save_checkpoint(
         )
     try:
         tmp.mkdir()
-        model.save_pretrained(tmp)
+        with _without_transformers_bars():
+            model.save_pretrained(tmp)
         save_processor(processor, tmp)
         torch.save({"step": step, **trainer_state}, tmp / TRAINER_STATE)
     except (OSError, RuntimeError, SafetensorError) as error:  # torch and safetensors report a full disk their way
@@ -204,6 +207,20 @@ def save_checkpoint(
         for _, old in list_checkpoints(run_dir)[:-keep]:
             _delete(old)
     return final
+
+
+@contextlib.contextmanager
+def _without_transformers_bars() -> Iterator[None]:
+    """transformers' bar for writing shards would cut through the run's step bar (then restored as it was)."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:

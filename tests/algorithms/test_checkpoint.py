@@ -85,6 +85,22 @@ def test_a_trainer_state_holds_only_tensors_and_plain_values(tmp_path: Path) -> 
     assert state["step"] == 3 and state["prompts_drawn"] == 4 and "exp_avg" in state["optimizer"]["state"][0]
 
 
+def test_a_save_keeps_transformers_bars_out_of_the_runs_own(
+    tiny_model_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 10: each checkpoint printed transformers' 'Writing model shards' bar through the step bar."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as transformers_logging
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    processor = SimpleNamespace(save_pretrained=lambda folder: (Path(folder) / "processor_config.json").write_text("{}"))
+    transformers_logging.enable_progress_bar()
+    capfd.readouterr()
+    save_checkpoint(tmp_path, 1, model=model, processor=processor, trainer_state={"rng": rng_state()})
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert transformers_logging.is_progress_bar_enabled()  # a library caller's setting is left as it was
+
+
 def test_a_kill_while_pruning_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 10: a kill inside shutil.rmtree left a half-deleted step_* folder that was never removed."""
     _save(tmp_path, 1)
