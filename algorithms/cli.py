@@ -219,8 +219,8 @@ def configure_process() -> None:
     machine while the other core was busy: the demo took 88 s wall and 125 s CPU with 2 threads, 84 s
     and 80 s with 1.
 
-    transformers' progress bars (loading weights, writing each checkpoint's shards) are turned off: they
-    would cut through the run's own step bar.
+    transformers' progress bars (loading weights and the like) are turned off: the command prints its own
+    (a checkpoint's shards are written without one in any case, `algorithms.checkpoint`).
     """
     import torch
     from transformers.utils import logging as transformers_logging
