@@ -62,6 +62,12 @@ def test_tensorboard_scalars_carry_their_glossary_description(tmp_path: Path) ->
     assert events.SummaryMetadata("my/own_metric").summary_description == ""  # a key the glossary lacks
     assert [e.value for e in events.Scalars("train/reward")] == [0.5, 0.5]
     assert "val/vstar/samples/text_summary" in events.Tags()["tensors"]
+    # What TensorBoard's web app reads: the scalars plugin lists the keys, with the descriptions.
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+
+    served = plugin_event_accumulator.EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert {"train/reward", "val/vstar/accuracy", "my/own_metric"} <= set(served.PluginTagToContent("scalars"))
+    assert served.SummaryMetadata("train/reward").summary_description == describe("train/reward")
     (record,) = [json.loads(line) for line in (tmp_path / SAMPLES_FILE).read_text().splitlines()]
     assert record == {"step": 2, "tag": "val/vstar/samples", "sample_id": "a", "text": "sample a: q?\nparsed answer: A"}
 
