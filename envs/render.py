@@ -126,15 +126,22 @@ def _text_block(caption: str, width: int, gap: int) -> Image.Image:
     """The legend, then `caption` wrapped to `width` pixels, black on white."""
     font = ImageFont.load_default(size=12)
     line_height = 16
+    legend, x, row = [], gap, 0  # a swatch of each box colour and what it means, on as many rows as it needs
+    for colour, label in LEGEND:
+        item = 14 + int(font.getlength(label))
+        if x > gap and x + item > width - gap:
+            x, row = gap, row + 1
+        legend.append((colour, label, x, row))
+        x += item + 12
     wrapped = [piece for text in caption.splitlines() for piece in _wrap(text, font, width - 2 * gap)]
-    block = Image.new("RGB", (width, gap + line_height * (1 + len(wrapped)) + gap), "white")
+    legend_rows = row + 1
+    block = Image.new("RGB", (width, gap + line_height * (legend_rows + len(wrapped)) + gap), "white")
     draw = ImageDraw.Draw(block)
-    x = gap
-    for colour, label in LEGEND:  # a swatch of each box colour and what it means
-        draw.rectangle((x, gap + 3, x + 10, gap + 13), outline=colour, width=2)
-        draw.text((x + 14, gap), label, fill=TEXT_COLOUR, font=font)
-        x += 14 + int(font.getlength(label)) + 12
-    for row, text in enumerate(wrapped, start=1):
+    for colour, label, x, row in legend:
+        top = gap + row * line_height
+        draw.rectangle((x, top + 3, x + 10, top + 13), outline=colour, width=2)
+        draw.text((x + 14, top), label, fill=TEXT_COLOUR, font=font)
+    for row, text in enumerate(wrapped, start=legend_rows):
         draw.text((gap, gap + row * line_height), text, fill=TEXT_COLOUR, font=font)
     return block
 

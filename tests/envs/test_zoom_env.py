@@ -289,6 +289,11 @@ def test_render_tells_the_episode_in_words_under_a_legend(marker: Sample) -> Non
     assert frame.shape[1] == bare.shape[1] and frame.shape[0] > bare.shape[0] + 16 * 6  # text rows below
     assert (frame[bare.shape[0]:] == 0).all(axis=-1).any()  # black text on the white block
     assert [label for _, label in LEGEND] == ["ground truth", "model box (n = turn)", "invalid box"]
+    whole = ViewInfo("n", Box(0, 0, 224, 224), (224, 224), 64, (1, 16, 16), "original")
+    narrow = render_episode(Image.new("RGB", (224, 224), "white"), whole, [], [],
+                            caption="a")  # a fallback episode: no crop column, the legend wraps
+    for colour, _ in LEGEND:  # every swatch is drawn (before, the third fell off the right edge)
+        assert (narrow[224:] == colour).all(axis=-1).any(), colour
 
     text = episode_text(marker, *inner._story).splitlines()
     assert text[0] == "sample marker: What colour is the square?"
