@@ -8,20 +8,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from zoomgym.algorithms.build import build_agent, env_factory, env_id_of, load_samples, load_val_sets
-from zoomgym.algorithms.checkpoint import latest_checkpoint
+from zoomgym.algorithms.build import build_agent, env_factory, env_id_of, load_datasets, load_val_sets
+from zoomgym.algorithms.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from zoomgym.algorithms.config import Config, check_run_dir
 from zoomgym.algorithms.config import validate as validate_config
 from zoomgym.algorithms.seeds import WARMUP_STREAM, derive_seed, seed_everything
-from zoomgym.algorithms.trainer import validation_seed
+from zoomgym.algorithms.trainer import UnreadableImages, validation_seed
 
 
 def run(cfg: Config, resume: bool = False) -> Any:
-    """Validate the config, build agent and algorithm, train to ``trainer.steps``; what ``zoomgym train`` does.
+    """Validate the config, load the datasets, build agent and algorithm, train to ``trainer.steps``; what
+    ``zoomgym train`` does. Every check that can fail on the config or the data runs before the model loads.
 
     Args:
         cfg: the resolved config (its ``logging.run_dir`` is the run to resume when `resume`).
-        resume: continue from the newest checkpoint in ``cfg.logging.run_dir``.
+        resume: continue from the newest checkpoint in ``cfg.logging.run_dir``; a run killed before its
+            first checkpoint starts again from step 0 in its folder (what it logged is superseded, not
+            deleted: `algorithms.logging`).
 
     Returns:
         The trained algorithm (``algo.run_dir``, ``algo.last_validation``, ...).
@@ -30,11 +33,10 @@ def run(cfg: Config, resume: bool = False) -> Any:
 
     validate_config(cfg)
     check_run_dir(cfg, resume)
-    checkpoint = None
-    if resume:
-        checkpoint = latest_checkpoint(cfg.logging.run_dir or "")
-        if checkpoint is None:
-            raise ValueError(f"Expects a checkpoint to resume in {cfg.logging.run_dir!r}/checkpoints, actual: none")
+    checkpoint = latest_checkpoint(cfg.logging.run_dir or "") if resume else None
+    if resume and checkpoint is None:
+        print(f"{cfg.logging.run_dir}: no checkpoint in {CHECKPOINTS_DIR}/ yet; starting the run again from step 0")
+    datasets = load_datasets(cfg)  # every image header checked: a bad dataset fails before the model loads
     seed_everything(cfg.trainer.seed)
     agent = build_agent(cfg)
     warmup_stats: dict[str, float] = {}
@@ -42,10 +44,13 @@ def run(cfg: Config, resume: bool = False) -> Any:
         # Before the algorithm is built, so the KL reference is the warmed-up policy, not the random one.
         from zoomgym.algorithms.warmup import format_warmup
 
-        warmup_stats = format_warmup(agent, load_samples(cfg.data.train), env_factory(cfg, env_id_of(cfg), agent),
-                                     cfg.warmup, seed=derive_seed(cfg.trainer.seed, WARMUP_STREAM))
+        warmup_stats = format_warmup(agent, datasets.train, env_factory(cfg, env_id_of(cfg), agent), cfg.warmup,
+                                     seed=derive_seed(cfg.trainer.seed, WARMUP_STREAM),
+                                     on_image_error=UnreadableImages())
         seed_everything(cfg.trainer.seed)  # RL's draws do not depend on whether the warm-up ran
-    algo = algorithms.make(cfg.algorithm.name, agent=agent, config=cfg)
+    algo = algorithms.make(cfg.algorithm.name, agent=agent, config=cfg, datasets=datasets)
+    if resume and checkpoint is None:
+        algo.log_from_step = 0
     if warmup_stats:
         algo.logger.log(0, warmup_stats)
     if checkpoint is not None:

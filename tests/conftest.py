@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -9,6 +11,16 @@ from zoomgym.envs.data import Sample, synthetic
 from zoomgym.envs.geometry import Box
 
 CPU_PRESET = "cpu"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``pytest -n N`` (`make test`) each worker gets its share of the CPUs as torch threads: N workers
+    with a thread per core each would wait on each other (unless ``OMP_NUM_THREADS`` says otherwise)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 MARKER_BOX = Box(1200, 300, 1240, 340)
 
 

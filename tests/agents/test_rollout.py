@@ -130,3 +130,76 @@ def test_env_factory_and_progress_bar(tiny_agent, samples, capsys):
     trajectories = tiny_agent.rollout(samples[:2], 1, make, sampling, progress=True)
     assert [t.num_turns for t in trajectories] == [1, 1]
     assert "rollout" in capsys.readouterr().err
+
+
+class _FailingStep:
+    """An env whose ``step`` fails to decode the crop of sample ``bad`` (the file went bad mid-episode)."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def step(self, action):
+        from zoomgym.envs.data import ImageLoadError
+
+        if self.env.unwrapped._sample.id == "bad":
+            raise ImageLoadError("sample 'bad': 'bad.jpg' is corrupt or truncated", "bad", "bad.jpg")
+        return self.env.step(action)
+
+
+def test_an_image_failing_to_decode_drops_its_group_and_is_reported_once(tiny_agent, samples, scripted, tmp_path):
+    """Issue 10: one bad image killed training (and --resume repeated the crash); now its group is skipped."""
+    import pytest
+    from zoomgym.agents.rollout import env_factory
+    from zoomgym.envs.data import ImageLoadError, Sample
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    broken = Sample("broken", str(tmp_path / "broken.png"), "q?", ("a", "b"), "A")
+    batch = [samples[0], broken, samples[1]]
+    with pytest.raises(ImageLoadError, match="sample 'broken'"):  # without a handler: as before
+        run_rollouts(scripted([ZOOM, ANSWER]), tiny_agent.adapter, batch, 2, "zoomgym/ZoomEnv-v0", SamplingParams())
+    errors = []
+    trajectories = run_rollouts(scripted([ZOOM, ANSWER]), tiny_agent.adapter, batch, 2, "zoomgym/ZoomEnv-v0",
+                                SamplingParams(), on_image_error=errors.append)
+    assert [(t.sample_id, t.group_id) for t in trajectories] == [("s0", 0), ("s0", 0), ("s1", 2), ("s1", 2)]
+    assert [e.sample_id for e in errors] == ["broken"]
+    assert all(t.num_turns == 2 and t.terminated for t in trajectories)  # the others played to the end
+
+    # A crop that fails mid-episode, in env.step: the same.
+    bad = Sample("bad", samples[2].image, "q?", ("a", "b"), "A")
+    make = env_factory("zoomgym/ZoomEnv-v0", view_budget=tiny_agent.view_budget, coord_frame=tiny_agent.coord_frame)
+    errors.clear()
+    trajectories = tiny_agent.rollout([bad, samples[0]], 2, lambda s: _FailingStep(make(s)), SamplingParams(
+        temperature=0.0, max_new_tokens=4), on_image_error=errors.append)
+    assert [t.sample_id for t in trajectories] == ["s0", "s0"] and [e.sample_id for e in errors] == ["bad"]
+
+
+def test_text_agents_skip_unreadable_images_too(tmp_path, samples):
+    from zoomgym.agents.rollout import play_episodes
+    from zoomgym.agents.scripted import OracleAgent
+    from zoomgym.envs.data import Sample
+
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 40)
+    broken = Sample("broken", str(tmp_path / "broken.jpg"), "q?", ("a", "b"), "A")
+    errors = []
+    trajectories = play_episodes(OracleAgent(), [broken, samples[3]], 2, "zoomgym/ZoomEnv-v0",
+                                 on_image_error=errors.append)
+    assert [t.sample_id for t in trajectories] == ["s3", "s3"] and [e.sample_id for e in errors] == ["broken"]
+
+
+def test_an_env_option_error_never_prints_the_dataset(samples):
+    import io
+
+    import pytest
+    from PIL import Image
+    from zoomgym.agents.rollout import env_factory
+    from zoomgym.envs.data import Sample
+
+    encoded = io.BytesIO()
+    Image.new("RGB", (400, 400), "red").save(encoded, "PNG")
+    heavy = Sample("heavy", encoded.getvalue() * 40, "q?", ("a", "b"), "A")
+    with pytest.raises(TypeError) as error:
+        env_factory("zoomgym/ZoomEnv-v0", {"clamp": "maybe"})(heavy)
+    assert "Expects clamp to be a bool" in str(error.value) and len(str(error.value)) < 300
