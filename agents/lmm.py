@@ -172,6 +172,7 @@ class LMMAgent:
         context_budget: int | None = None,
         env_kwargs: Mapping[str, Any] | None = None,
         progress: bool | None = None,
+        episode_ids: Sequence[int] | None = None,
     ) -> list[Trajectory]:
         """Plays ``group_size`` episodes per sample; see `agents.rollout.run_rollouts`.
 
@@ -188,6 +189,7 @@ class LMMAgent:
             context_budget=context_budget,
             env_kwargs=env_kwargs,
             progress=progress,
+            episode_ids=episode_ids,
         )
 
     def collate(self, trajectories: Sequence[Trajectory]) -> dict[str, Any]:
