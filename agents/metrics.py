@@ -29,6 +29,7 @@ from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
+from zoomgym.envs.data import image_size
 from zoomgym.envs.geometry import Box
 
 UNCATEGORISED = "none"
@@ -39,6 +40,12 @@ GROUNDING_TURNS = ("ground", "ground_or_answer")
 
 USEFUL_IOU = 0.5
 """A crop whose IoU with a ground-truth box reaches this is useful even if it cuts part of the box."""
+
+TARGET_MAX_AREA = 0.25
+"""Largest share of the image's area a box may cover and still be a `target_hit`. Containing a target's
+centre alone is no evidence of grounding: a box of the whole image contains every centre, and so does any
+box large enough. Without this bound a policy drawing ever larger boxes, valid but on no object in
+particular, would read as one learning where to look, while ``valid_box_ratio`` rises and ``iou`` falls."""
 
 OUTCOMES = ("gain", "harm", "both_right", "both_wrong")
 """A question's outcome without and with zoom: wrong -> right, right -> wrong, right twice, wrong twice."""
@@ -93,6 +100,14 @@ def useful_crop(box: Box, truth: Sequence[Box]) -> bool:
     """Whether a crop of ``box`` shows what the question is about: it contains every ground-truth box
     (`covers_truth`), or its IoU with one of them is at least `USEFUL_IOU`."""
     return covers_truth(box, truth) or any(box.iou(t) >= USEFUL_IOU for t in truth)
+
+
+def target_hit(box: Box, truth: Sequence[Box], image_size: tuple[int, int]) -> bool:
+    """Whether ``box`` (original pixels) hits a target: it contains the centre of one of the ground-truth
+    boxes and covers at most `TARGET_MAX_AREA` of the ``(width, height)`` image (False without truth)."""
+    if box.area > TARGET_MAX_AREA * image_size[0] * image_size[1]:
+        return False
+    return any(box.x1 <= (t.x1 + t.x2) / 2 <= box.x2 and box.y1 <= (t.y1 + t.y2) / 2 <= box.y2 for t in truth)
 
 
 def sample_of(episode: Episode) -> Any:
@@ -206,6 +221,24 @@ def crop_usefulness(episodes: Episodes) -> dict[str, float | None]:
     if not useful:
         return {}
     return {"crop_useful_ratio": mean(useful), **_by_category("crop_useful_ratio", categories, useful)}
+
+
+@episode_metric
+def target_hits(episodes: Episodes) -> dict[str, float | None]:
+    """``target_hit_ratio`` (and ``/<category>``): over every grounding turn on samples with ground-truth
+    boxes, the share whose box is a `target_hit`; an invalid box or a fallback is a miss."""
+    hits, categories = [], []
+    for traj, info in episodes.grounding:
+        sample = sample_of(traj)
+        if sample is None or not sample.boxes:
+            continue
+        box = info.get("box_original")
+        hits.append(float(bool(info["box_valid"]) and box is not None and target_hit(box, sample.boxes,
+                                                                                      image_size(sample))))
+        categories.append(traj.category)
+    if not hits:
+        return {}
+    return {"target_hit_ratio": mean(hits), **_by_category("target_hit_ratio", categories, hits)}
 
 
 @episode_metric

@@ -23,7 +23,8 @@ COUNTERFACTUAL = "counterfactual"
 
 SUMMARY_COLUMNS = (
     ("episodes", "episodes"), ("accuracy", "accuracy"), ("valid_box_ratio", "valid box"),
-    ("fallback_ratio", "fallback"), ("iou", "IoU"), ("crop_useful_ratio", "useful crop"),
+    ("fallback_ratio", "fallback"), ("target_hit_ratio", "target hit"), ("iou", "IoU"),
+    ("crop_useful_ratio", "useful crop"),
     ("zoom_rate", "zoomed"), ("accuracy_zoomed", "acc. zoomed"), ("accuracy_not_zoomed", "acc. not zoomed"),
     ("turns", "turns"), ("visual_tokens", "visual tokens"), ("generated_tokens", "generated tokens"),
     ("truncated_ratio", "truncated"),
@@ -106,8 +107,9 @@ def _per_category(metrics: Mapping[str, float], records: Mapping[str, Sequence[E
     columns += [(f"{COUNTERFACTUAL}/{key}", label) for key, label in (("tool_gain", "tool gain"), ("tool_harm", "tool harm"),
                                                                        ("net_gain", "net gain"))
                 if any(k.startswith(f"{COUNTERFACTUAL}/{key}/") for k in metrics)]
-    if any(key.startswith(f"{MAIN_ARM}/crop_useful_ratio/") for key in metrics):
-        columns.append((f"{MAIN_ARM}/crop_useful_ratio", "useful crop"))
+    columns += [(f"{MAIN_ARM}/{key}", label) for key, label in (("target_hit_ratio", "target hit"),
+                                                                  ("crop_useful_ratio", "useful crop"))
+                if any(k.startswith(f"{MAIN_ARM}/{key}/") for k in metrics)]
     rows = tuple((category, str(counts[category]), *(cell(key, metrics.get(f"{key}/{category}")) for key, _ in columns))
                  for category in categories)
     return Table("Per category", ("category", "episodes", *(label for _, label in columns)), rows,
@@ -162,7 +164,8 @@ def _identity(model: Mapping[str, Any]) -> str:
 
 
 def _arm_line(protocol: Mapping[str, Any]) -> str:
-    line = f"{protocol['env_id']}, {protocol['max_turns']} turns, <= {protocol['max_images']} images"
+    turns, images = protocol["max_turns"], protocol["max_images"]
+    line = f"{protocol['env_id']}, {turns} turn{'s' * (turns != 1)}, <= {images} image{'s' * (images != 1)}"
     return line + (", first turn played by the oracle" if protocol.get("oracle_crop") else "")
 
 

@@ -1,33 +1,40 @@
-"""The evaluation's metrics, hand-computed: crop usefulness, tool gain and harm, repeated draws, benchmark splits."""
+"""The evaluation's metrics, hand-computed: target hits, crop usefulness, tool gain and harm, repeated draws, benchmark splits."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+from PIL import Image
 from zoomgym.agents.evaluate.records import EpisodeRecord
 from zoomgym.agents.metrics import (
+    TARGET_MAX_AREA,
     counterfactual_metrics,
     covers_truth,
     episode_metrics,
     paired_outcomes,
     repeat_metrics,
+    target_hit,
     useful_crop,
 )
 from zoomgym.envs.data import Sample
 from zoomgym.envs.geometry import Box
 
 TRUTH = Box(100, 100, 200, 200)
+IMAGE = Image.new("RGB", (400, 400))
 
 
 def sample(sample_id: str = "q", category: str = "", boxes=(TRUTH,), **meta) -> Sample:
-    return Sample(sample_id, b"", "What is it?", ("red", "blue", "green", "white"), "B", category, boxes, meta)
+    return Sample(sample_id, IMAGE, "What is it?", ("red", "blue", "green", "white"), "B", category, boxes, meta)
 
 
-def episode(correct: bool, s: Sample, box: Box | None = None, arm: str = "eval", draw: int = 0) -> EpisodeRecord:
-    """A two-turn zoom episode (or, without ``box``, a one-turn answer) as the metrics read it."""
+def episode(correct: bool, s: Sample, box: Box | None = None, arm: str = "eval", draw: int = 0,
+            valid: bool = True) -> EpisodeRecord:
+    """A two-turn zoom episode (or, without ``box``, a one-turn answer) as the metrics read it; ``valid=False``:
+    the box was refused and the env fell back to the original."""
     start = {"next_turn": "ground" if box else "answer", "sample": s, "visual_tokens": 64}
-    steps = [{"next_turn": "answer", "box_valid": True, "box_original": box, "action": "zoom", "sample": s}] if box else []
+    steps = [{"next_turn": "answer", "box_valid": valid, "fallback": not valid, "box_original": box,
+              "action": "zoom" if valid else "fallback", "sample": s}] if box else []
     end = {"next_turn": None, "action": "answer", "correct": correct, "sample": s, "visual_tokens": 128 if box else 64}
     return EpisodeRecord(arm, s.id, 0, draw, s.category, ["..."] * (len(steps) + 1), [start, *steps, end],
                          float(correct), len(steps) + 1, True, False, False)
@@ -52,6 +59,36 @@ def test_crop_usefulness_over_valid_boxes_on_samples_with_boxes_per_category():
     assert m["eval/crop_useful_ratio"] == pytest.approx(2 / 3)  # the sample without boxes is left out
     assert m["eval/crop_useful_ratio/attribute"] == 0.5 and m["eval/crop_useful_ratio/position"] == 1.0
     assert "eval/crop_useful_ratio" not in episode_metrics([episode(True, none, Box(0, 0, 50, 50))], "eval")
+
+
+def test_a_target_hit_holds_a_targets_centre_in_at_most_a_quarter_of_the_image():
+    size = (400, 400)  # a quarter: 40000 px^2; TRUTH's centre is (150, 150)
+    assert TARGET_MAX_AREA == 0.25
+    assert target_hit(Box(140, 140, 160, 160), [TRUTH], size)  # small, on the centre
+    assert target_hit(Box(0, 0, 200, 200), [TRUTH], size)  # exactly a quarter
+    assert not target_hit(Box(0, 0, 201, 200), [TRUTH], size)  # a hair more than a quarter
+    assert not target_hit(Box(0, 0, 400, 400), [TRUTH], size)  # the whole image "covers" everything: no hit
+    assert not target_hit(Box(100, 100, 149, 200), [TRUTH], size)  # on the box, not on its centre
+    assert target_hit(Box(340, 340, 360, 360), [TRUTH, Box(300, 300, 400, 400)], size)  # one target's centre
+    assert not target_hit(Box(140, 140, 160, 160), [], size)
+
+
+def test_target_hit_ratio_counts_every_grounding_turn_and_invalid_boxes_as_misses():
+    a, b, none = sample("a", "attribute"), sample("b", "position"), sample("c", "attribute", boxes=())
+    episodes = [
+        episode(True, a, Box(140, 140, 160, 160)),  # hit
+        episode(True, a, Box(0, 0, 400, 400)),  # valid, holds the centre, but the whole image: miss
+        episode(False, a, Box(140, 140, 160, 160), valid=False),  # refused box (fallback): miss
+        episode(True, b, Box(120, 130, 180, 170)),  # hit
+        episode(False, b, Box(300, 300, 390, 390)),  # valid, elsewhere: miss
+        episode(True, none, Box(140, 140, 160, 160)),  # no ground truth: not counted
+        episode(True, a),  # answered without a grounding turn: not counted
+    ]
+    m = episode_metrics(episodes, "eval")
+    assert m["eval/target_hit_ratio"] == pytest.approx(2 / 5)
+    assert m["eval/target_hit_ratio/attribute"] == pytest.approx(1 / 3) and m["eval/target_hit_ratio/position"] == 0.5
+    assert m["eval/valid_box_ratio"] == pytest.approx(5 / 6)  # what the hit rate corrects: most boxes are "valid"
+    assert "eval/target_hit_ratio" not in episode_metrics(episodes[5:], "eval")
 
 
 def test_tool_gain_harm_and_oracle_headroom_pair_questions_and_draws():

@@ -91,6 +91,7 @@ def test_evaluate_reports_metrics_and_writes_the_run(tmp_path, synthetic_cpu, sy
     assert metrics["eval/episodes"] == 4 and metrics["eval/accuracy"] == 1.0
     assert metrics["eval/valid_box_ratio"] == 1.0 and metrics["eval/fallback_ratio"] == 0.0
     assert metrics["eval/zoom_rate"] == 1.0 and metrics["eval/iou"] > 0.2
+    assert metrics["eval/target_hit_ratio"] == 1.0  # the oracle's box is on the target and small
     categories = {key for key in metrics if key.startswith("eval/accuracy/")}
     assert categories == {"eval/accuracy/attribute", "eval/accuracy/relative_position"}
     assert (tmp_path / "report.html").read_text().count('<div class="card"') == 2
