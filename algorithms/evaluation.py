@@ -308,6 +308,7 @@ def eval_command(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as err:
         print(f"zoomgym: error: {err}", file=sys.stderr)
         return 2
+    from zoomgym.agents.evaluate import EPISODES_FILE, REPORT_FILE, RESULTS_FILE, RESULTS_MD
     from zoomgym.algorithms.build import build_agent
     from zoomgym.algorithms.run import evaluate_model
 
@@ -324,8 +325,8 @@ def eval_command(args: argparse.Namespace) -> int:
         except ValueError as err:  # bad input found as the run starts (another run in --out, a view budget a
             print(f"zoomgym: error: {err}", file=sys.stderr)  # synthetic sample was not made for); saved work stays
             return 2
-        print((job.out / "results.md").read_text())
-        print(f"outputs in {job.out}/: results.json, results.md, report.html, episodes.jsonl\n")
+        print((job.out / RESULTS_MD).read_text())
+        print(f"outputs in {job.out}/: {RESULTS_FILE}, {RESULTS_MD}, {REPORT_FILE}, {EPISODES_FILE}\n")
     return 0
 
 

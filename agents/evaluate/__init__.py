@@ -39,11 +39,13 @@ from zoomgym.agents.evaluate.runner import (
     EpisodeAgents,
     EvalSettings,
     arms_for,
+    is_lmm,
     run_evaluation,
 )
 from zoomgym.agents.evaluate.summary import results_markdown, score, tables
 from zoomgym.agents.trajectory import Trajectory
 from zoomgym.envs import DEFAULT_ENV_ID, episode_spec
+from zoomgym.envs.views import ViewBudget
 
 RUN_FILE, EPISODES_FILE, RESULTS_FILE, RESULTS_MD, REPORT_FILE = (
     "run.json", "episodes.jsonl", "results.json", "results.md", "report.html")
@@ -67,15 +69,9 @@ def render_episode(trajectory: Trajectory | EpisodeRecord, sample: Any, env_fn: 
     return frame
 
 
-def _is_lmm(agent: Any) -> bool:
-    from zoomgym.agents.lmm import LMMAgent
-
-    return isinstance(agent, LMMAgent)
-
-
 def describe_agent(agent: Any) -> dict[str, Any]:
     """What identifies an agent in a run: an LMM's model folder fingerprint, backend and dtype, else its class."""
-    if _is_lmm(agent):
+    if is_lmm(agent):
         path = str(agent.model.name_or_path)
         return {"name": Path(path).name or path, **model_fingerprint(path),
                 "backend": type(agent.backend).__name__, "dtype": str(agent.model.dtype).removeprefix("torch.")}
@@ -154,7 +150,7 @@ def evaluate(
 
     if not samples:
         raise ValueError("Expects at least one sample to evaluate, actual: none")
-    lmm = _is_lmm(agent)
+    lmm = is_lmm(agent)
     if lmm:
         view_budget, frame = agent.view_budget, agent.coord_frame
         sampling = sampling if sampling is not None else SamplingParams(temperature=0.0, seed=seed)
@@ -163,12 +159,8 @@ def evaluate(
     else:
         frame = None
     if view_budget is None:
-        from zoomgym.envs.views import ViewBudget
-
         view_budget = ViewBudget()
     elif isinstance(view_budget, Mapping):
-        from zoomgym.envs.views import ViewBudget
-
         view_budget = ViewBudget(**view_budget)
     settings = EvalSettings(view_budget, frame, draws, sampling, seed, context_budget, batch_size)
     arms = arms_for(env, env_kwargs, counterfactual)

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from zoomgym.agents.evaluate import EPISODES_FILE, RESULTS_FILE
 from zoomgym.agents.evaluate.identity import differences
 from zoomgym.agents.evaluate.records import EpisodeLog
-
-RESULTS_FILE, EPISODES_FILE = "results.json", "episodes.jsonl"
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,9 @@ class EvalSettings:
             raise ValueError(f"Expects draws >= 1 and batch_size >= 1, actual: {self.draws}, {self.batch_size}")
 
 
-def _is_lmm(agent: Any) -> bool:
+def is_lmm(agent: Any) -> bool:
+    """Whether ``agent`` is an `LMMAgent` (played token-exact through its backend), without importing torch
+    for scripted agents."""
     from zoomgym.agents.lmm import LMMAgent
 
     return isinstance(agent, LMMAgent)
@@ -150,7 +152,7 @@ def play_batch(agent: Any, arm: Arm, batch: Sequence[tuple[int, Any]], settings:
         trajectories = [play_episodes(agent.make(sample, index, draw, arm.name), [sample], 1, factory,
                                       seed=settings.seed, episode_ids=[index * k + draw], progress=False)[0]
                         for index, sample in batch for draw in range(k)]
-    elif _is_lmm(agent):
+    elif is_lmm(agent):
         trajectories = agent.rollout(samples, k, factory, settings.sampling, context_budget=settings.context_budget,
                                      progress=False, episode_ids=ids)
     else:
