@@ -7,7 +7,8 @@ model, data or protocol is refused by `check_manifest`, naming what differs, so 
 * Data: `data_fingerprint` hashes, per sample, its id, question, options, answer, category, boxes and meta,
   and its image: the content of an image file (each distinct file once), of a table file holding the
   image cell (each table once) plus the cell's row and column, encoded bytes, a decoded image's pixels, or
-  a drawn image's description.
+  a drawn image's description. Files are hashed as model files are (below): a benchmark table of many
+  gigabytes is identified by its size and sampled blocks rather than read whole at every run.
 * Model: `model_fingerprint` of a local folder hashes every file's name and size, the whole content of
   files up to `FULL_HASH_BYTES` and, of larger files (the weights), `SAMPLED_BLOCKS` evenly spaced blocks
   of `BLOCK_BYTES`; a hub id is recorded as given. The training state of a checkpoint
@@ -35,12 +36,13 @@ NOT_MODEL_FILES = ("trainer_state.pt",)
 VERSIONED_PACKAGES = ("zoomgym", "torch", "transformers", "vllm", "gymnasium", "pillow", "numpy")
 
 
-def _file_digest(path: Path, sampled: bool) -> str:
-    """sha256 of a file: all of it, or (``sampled`` and large) `SAMPLED_BLOCKS` spaced blocks and its size."""
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's size and content: all of it up to `FULL_HASH_BYTES`, else `SAMPLED_BLOCKS` evenly
+    spaced blocks of `BLOCK_BYTES`."""
     size = path.stat().st_size
     digest = hashlib.sha256(str(size).encode())
     with path.open("rb") as handle:
-        if not sampled or size <= FULL_HASH_BYTES:
+        if size <= FULL_HASH_BYTES:
             for block in iter(lambda: handle.read(BLOCK_BYTES), b""):
                 digest.update(block)
         else:
@@ -57,7 +59,7 @@ def data_fingerprint(samples: Sequence[Any]) -> str:
     def file_hash(path: str | Path) -> str:
         key = str(Path(path).resolve())
         if key not in files:
-            files[key] = _file_digest(Path(key), sampled=False)
+            files[key] = _file_digest(Path(key))
         return files[key]
 
     digest = hashlib.sha256()
@@ -87,7 +89,7 @@ def model_fingerprint(path_or_id: str) -> dict[str, Any]:
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name not in NOT_MODEL_FILES
                        and not any(part.startswith(".") for part in p.relative_to(path).parts)):
-        digest.update(f"{file.relative_to(path)}\0{_file_digest(file, sampled=True)}\n".encode())
+        digest.update(f"{file.relative_to(path)}\0{_file_digest(file)}\n".encode())
     return {"path": str(path.resolve()), "sha256": digest.hexdigest()}
 
 

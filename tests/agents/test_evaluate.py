@@ -245,3 +245,40 @@ def test_compare_pairs_questions_gives_a_bootstrap_interval_and_lists_the_flips(
              env_kwargs={"prompts": {"answer": "{question}\n{choices}"}})
     _, warnings = compare_runs(tmp_path / "a" / "markers", tmp_path / "c")
     assert len(warnings) == 1 and "protocols differ" in warnings[0] and "prompts.answer" in warnings[0]
+
+
+def test_fingerprints_see_content_changes_and_sample_large_files(tmp_path, monkeypatch):
+    from zoomgym.agents.evaluate import identity
+
+    monkeypatch.setattr(identity, "FULL_HASH_BYTES", 64)  # files over 64 bytes are "large": 4 blocks of 8
+    monkeypatch.setattr(identity, "SAMPLED_BLOCKS", 4)
+    monkeypatch.setattr(identity, "BLOCK_BYTES", 8)
+    model = tmp_path / "model"
+    model.mkdir()
+    weights, config = model / "model.safetensors", model / "config.json"
+    weights.write_bytes(bytes(200))
+    config.write_text("{}")
+    first = identity.model_fingerprint(str(model))
+    (model / "trainer_state.pt").write_bytes(b"optimizer")  # training state is not the model
+    assert identity.model_fingerprint(str(model)) == first
+    config.write_text('{"a": 1}')  # a small file counts whole
+    assert identity.model_fingerprint(str(model)) != first
+    config.write_text("{}")
+    weights.write_bytes(bytes(199) + b"x")  # in the last sampled block
+    assert identity.model_fingerprint(str(model)) != first
+    weights.write_bytes(bytes(100) + b"x" + bytes(99))  # between sampled blocks: a large file is sampled
+    assert identity.model_fingerprint(str(model)) == first
+    assert identity.model_fingerprint("Qwen/Qwen2.5-VL-7B-Instruct") == {"hub_id": "Qwen/Qwen2.5-VL-7B-Instruct"}
+
+    import dataclasses
+
+    samples = []
+    for i in range(2):
+        sample = marker_sample(f"m{i}")
+        sample.image.save(tmp_path / f"{i}.png")
+        samples.append(dataclasses.replace(sample, image=str(tmp_path / f"{i}.png")))
+    base = identity.data_fingerprint(samples)
+    assert identity.data_fingerprint(samples[::-1]) != base  # the order is part of the data
+    assert identity.data_fingerprint([dataclasses.replace(samples[0], answer="D"), samples[1]]) != base
+    marker_sample(size=(800, 600)).image.save(tmp_path / "1.png")  # another picture under the same name
+    assert identity.data_fingerprint(samples) != base
