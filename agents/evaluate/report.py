@@ -125,7 +125,7 @@ def _card(sample: Any, draw: int, outcome: str, by_arm: Mapping[str, EpisodeReco
         f'<div class="card" data-category="{esc(sample.category or UNCATEGORISED)}" data-outcome="{outcome}">',
         f'<div><span class="badge {outcome}">{outcome.replace("_", " ")}</span> <b>{esc(sample.id)}</b>'
         f'{f" (draw {draw})" if draw else ""} <span class="meta">{esc(sample.category or UNCATEGORISED)}</span></div>',
-        f"<p>{esc(sample.question)}<br>{options}<br><span class='meta'>correct: {sample.answer}</span></p>",
+        f"<p>{esc(sample.question)}<br>{options}<br><span class='meta'>correct: {esc(sample.answer)}</span></p>",
         f'<img alt="original with boxes" src="{data_uri(overview, OVERVIEW_SIDE)}">',
         '<div class="meta">original as shown; green: valid boxes, red: invalid, blue: ground truth</div>',
     ]
@@ -153,7 +153,7 @@ def _card(sample: Any, draw: int, outcome: str, by_arm: Mapping[str, EpisodeReco
         if name in by_arm:
             other = by_arm[name]
             last = other.infos[-1]
-            parts.append(f'<div class="turn"><b>{label}</b> <span class="meta">answer {last.get("answer")} '
+            parts.append(f'<div class="turn"><b>{label}</b> <span class="meta">answer {esc(str(last.get("answer")))} '
                          f'({"right" if other.correct else "wrong"})</span><pre>{esc(other.actions[-1])}</pre></div>')
     parts.append("</div>")
     return "\n".join(parts)

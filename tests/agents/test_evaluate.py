@@ -282,3 +282,15 @@ def test_fingerprints_see_content_changes_and_sample_large_files(tmp_path, monke
     assert identity.data_fingerprint([dataclasses.replace(samples[0], answer="D"), samples[1]]) != base
     marker_sample(size=(800, 600)).image.save(tmp_path / "1.png")  # another picture under the same name
     assert identity.data_fingerprint(samples) != base
+
+
+def test_the_report_shows_model_and_data_text_as_text(tmp_path):
+    import dataclasses
+
+    evil = "<img src=x onerror=alert(1)>"
+    sample = dataclasses.replace(marker_sample("<b>id</b>"), question=f"What is {evil}?", category=evil)
+    evaluate(ReplayAgent([f"{evil} no box </pre><script>alert(2)</script>", "\\boxed{B}"]), [sample],
+             view_budget=BUDGET, out_dir=tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    assert "<img src=x" not in page and "<script>alert" not in page and "<b>id</b>" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page and page.count("<script>") == 1  # the page's own filters
