@@ -299,12 +299,14 @@ def eval_command(args: argparse.Namespace) -> int:
         name = args.agent.split(":", 1)[0] if args.agent else Path(cfg.model.path).name or cfg.model.path
         jobs = jobs_of(cfg, args, name)
         agent, identity = scripted_agent(args.agent, cfg.trainer.seed) if args.agent else (None, None)
-        from zoomgym.agents.evaluate import arms_for
+        from zoomgym.agents.evaluate import arms_for, check_resumable
         from zoomgym.algorithms.build import env_id_of, env_kwargs
+        from zoomgym.algorithms.run import model_identity
 
         arms = arms_for(env_id_of(cfg), env_kwargs(cfg), args.counterfactual)
         for job in jobs:
             check_replay(agent, job, arms, args.samples)
+            check_resumable(job.out, identity or model_identity(cfg), job.samples, {"name": job.label})
     except (ValueError, TypeError) as err:
         print(f"zoomgym: error: {err}", file=sys.stderr)
         return 2

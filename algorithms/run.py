@@ -69,6 +69,15 @@ def run(cfg: Config, resume: bool = False) -> Any:
     return algo
 
 
+def model_identity(cfg: Config) -> dict[str, Any]:
+    """What identifies ``cfg``'s model in an evaluation run: its name, the fingerprint of its folder (or its
+    hub id), the backend and the dtype; computed without loading it."""
+    from zoomgym.agents.evaluate.identity import model_fingerprint
+
+    return {"name": Path(cfg.model.path).name or cfg.model.path, **model_fingerprint(cfg.model.path),
+            "backend": cfg.rollout.backend, "dtype": cfg.model.dtype}
+
+
 def evaluate_model(
     cfg: Config,
     samples: Sequence[Any],
@@ -97,7 +106,7 @@ def evaluate_model(
         cfg: the config (validated here).
         samples: the benchmark (``limit`` selects the first ones).
         agent: the agent to evaluate instead of building ``cfg``'s (a scripted one, or one already built).
-        agent_identity: what identifies a scripted agent in the run (default: the model folder's fingerprint,
+        agent_identity: what identifies a scripted agent in the run (default `model_identity`: the model folder's fingerprint,
             backend and dtype).
         out_dir, limit, data, counterfactual, draws, batch_size, n_trajectories, progress: see
             `agents.evaluate.evaluate`.
@@ -108,7 +117,6 @@ def evaluate_model(
     """
     import torch
     from zoomgym.agents.evaluate import evaluate
-    from zoomgym.agents.evaluate.identity import model_fingerprint
     from zoomgym.agents.lmm import LMMAgent
     from zoomgym.algorithms.evaluation import scripted_view_budget
 
@@ -117,8 +125,7 @@ def evaluate_model(
         agent = build_agent(cfg)
     lmm = isinstance(agent, LMMAgent)
     if agent_identity is None:
-        agent_identity = {"name": Path(cfg.model.path).name or cfg.model.path, **model_fingerprint(cfg.model.path),
-                          "backend": cfg.rollout.backend, "dtype": cfg.model.dtype}
+        agent_identity = model_identity(cfg)
     seed = validation_seed(cfg)  # the trainer's validation: greedy evaluation repeats its numbers
     sampling = dataclasses.replace(sampling_params(cfg, greedy=True, seed=seed), temperature=temperature, top_p=top_p)
     with torch.no_grad():

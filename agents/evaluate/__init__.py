@@ -97,6 +97,23 @@ def arm_protocol(arm: Arm, settings: EvalSettings, sample: Any, lmm: bool) -> di
     }
 
 
+def data_identity(samples: Sequence[Any], data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What identifies the data of a run: its name (``data["name"]``, default ``"samples"``), how many
+    samples the whole dataset has, and their `identity.data_fingerprint`."""
+    return {"name": (data or {}).get("name", "samples"), "samples": len(samples), "sha256": data_fingerprint(samples)}
+
+
+def check_resumable(out_dir: str | Path, model: Mapping[str, Any], samples: Sequence[Any],
+                    data: Mapping[str, Any] | None = None) -> None:
+    """Refuses an ``out_dir`` holding a run of another model or data before anything is built (a model
+    that takes minutes to load); `evaluate` checks the protocol too, which needs the agent's view.
+
+    Raises:
+        ValueError: as `identity.check_manifest`.
+    """
+    check_manifest(Path(out_dir) / RUN_FILE, {"model": dict(model), "data": data_identity(samples, data), "protocol": {}})
+
+
 def evaluate(
     agent: Any,
     samples: Sequence[Any],
@@ -169,7 +186,7 @@ def evaluate(
         raise ValueError(f"Expects --limit to leave at least one sample, actual: {limit!r}")
     manifest = {
         "model": dict(model) if model is not None else describe_agent(agent),
-        "data": {"name": (data or {}).get("name", "samples"), "samples": len(samples), "sha256": data_fingerprint(samples)},
+        "data": data_identity(samples, data),
         "protocol": {arm.name: arm_protocol(arm, settings, selection[0], lmm) for arm in arms},
     }
     log = None
@@ -196,4 +213,4 @@ def evaluate(
 
 
 __all__ = ["Arm", "EpisodeAgents", "EpisodeLog", "EpisodeRecord", "EvalSettings", "arm_protocol", "arms_for",
-           "describe_agent", "evaluate", "render_episode"]
+           "check_resumable", "data_identity", "describe_agent", "evaluate", "render_episode"]

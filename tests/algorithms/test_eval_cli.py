@@ -179,3 +179,18 @@ def test_compare_prints_deltas_intervals_and_flips(tmp_path: Path, capsys: pytes
     assert f"synthetic            eval              6   1.000 {b:>7.3f} {b - 1:>+8.3f}  [" in out
     assert "  right only in A: " in out and "  right only in B: " not in out  # the oracle is never wrong
     assert main(["eval", "--compare", str(tmp_path / "a"), str(tmp_path / "nothing")]) == 2
+
+
+def test_another_runs_folder_is_refused_before_the_model_loads(tiny_model_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data", "synthetic:2", "--preset", "cpu", "--no-progress", "--out", str(tmp_path)]
+    assert main(["eval", "--agent", "oracle", *data]) == 0
+
+    def no_loading(cfg):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("zoomgym.algorithms.build.build_agent", no_loading)
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny_model_dir), *CPU_VIEW, *data]) == 2
+    assert 'holds another' in (err := capsys.readouterr().err) and 'model.name: "oracle" -> ' in err
