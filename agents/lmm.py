@@ -173,6 +173,7 @@ class LMMAgent:
         env_kwargs: Mapping[str, Any] | None = None,
         progress: bool | None = None,
         on_image_error: ImageErrorHandler | None = None,
+        episode_ids: Sequence[int] | None = None,
     ) -> list[Trajectory]:
         """Plays ``group_size`` episodes per sample; see `agents.rollout.run_rollouts`.
 
@@ -191,6 +192,7 @@ class LMMAgent:
             env_kwargs=env_kwargs,
             progress=progress,
             on_image_error=on_image_error,
+            episode_ids=episode_ids,
         )
 
     def collate(self, trajectories: Sequence[Trajectory]) -> dict[str, Any]:

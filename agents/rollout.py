@@ -21,7 +21,9 @@ ends there, ``truncated`` and ``context_truncated`` are set on the trajectory an
 
 Seeds: with ``sampling.seed`` set, the draws of episode ``e`` in turn ``k`` use the seed
 ``SeedSequence([seed, e, k])``, so results do not depend on batch size or on which episodes are still
-running; env resets use ``seed + e``.
+running; env resets use ``seed + e``. ``e`` is the episode's position in the call, or the id the caller
+gives it (``episode_ids``: an evaluation that plays a dataset in batches, and resumes, numbers each
+episode by its sample's place in the dataset).
 
 Unreadable images: an env raises `envs.data.ImageLoadError` from ``reset`` or ``step`` when a sample's
 image fails to decode. With ``on_image_error`` set, the engine stops that sample's episodes, drops its
@@ -112,10 +114,15 @@ class _Episode:
         self.n_messages = len(observation)
 
 
-def _make_episodes(samples: Sequence[Any], group_size: int, make_env: Callable[[Any], Any]) -> list[_Episode]:
+def _make_episodes(samples: Sequence[Any], group_size: int, make_env: Callable[[Any], Any],
+                   episode_ids: Sequence[int] | None) -> list[_Episode]:
     if group_size < 1:
         raise ValueError(f"Expects group_size >= 1, actual: {group_size!r}")
-    return [_Episode(b * group_size + g, b, sample, make_env(sample))
+    n = len(samples) * group_size
+    ids = list(range(n)) if episode_ids is None else [int(i) for i in episode_ids]
+    if len(ids) != n or len(set(ids)) != n:
+        raise ValueError(f"Expects {n} distinct episode_ids (samples x group_size), actual: {episode_ids!r}")
+    return [_Episode(ids[b * group_size + g], b, sample, make_env(sample))
             for b, sample in enumerate(samples) for g in range(group_size)]
 
 
@@ -171,6 +178,7 @@ def run_rollouts(
     env_kwargs: Mapping[str, Any] | None = None,
     progress: bool | None = None,
     on_image_error: ImageErrorHandler | None = None,
+    episode_ids: Sequence[int] | None = None,
 ) -> list[Trajectory]:
     """Plays ``len(samples) * group_size`` episodes and returns their trajectories.
 
@@ -189,6 +197,7 @@ def run_rollouts(
         progress: show a tqdm bar (``None``: when there are 64 episodes or more).
         on_image_error: skip the groups of samples whose image fails to decode, calling this once per
             sample (module docstring); ``None`` lets the `ImageLoadError` propagate.
+        episode_ids: the id each episode is seeded by (default its position ``b * G + g``).
     """
     if context_budget is not None and context_budget < 1:
         raise ValueError(f"Expects context_budget >= 1 or None, actual: {context_budget!r}")
@@ -196,7 +205,7 @@ def run_rollouts(
         sampling = dataclasses.replace(sampling, stop_token_ids=tuple(adapter.eos_ids))
     version = backend.weight_version if weight_version is None else int(weight_version)
     make_env = _as_factory(env, env_kwargs, view_budget=adapter.view_budget(), coord_frame=adapter.coord_frame)
-    episodes = _make_episodes(samples, group_size, make_env)
+    episodes = _make_episodes(samples, group_size, make_env, episode_ids)
     groups = _Groups(episodes, on_image_error)
     budget = context_budget if context_budget is not None else float("inf")
     bar = _progress(episodes, progress)
@@ -243,6 +252,7 @@ def play_episodes(
     env_kwargs: Mapping[str, Any] | None = None,
     progress: bool | None = None,
     on_image_error: ImageErrorHandler | None = None,
+    episode_ids: Sequence[int] | None = None,
 ) -> list[Trajectory]:
     """Plays ``len(samples) * group_size`` episodes of an agent that acts on text.
 
@@ -259,8 +269,9 @@ def play_episodes(
         env_kwargs: ``gymnasium.make`` options when ``env`` is an id (``view_budget``, ``coord_frame``, ...).
         progress: show a tqdm bar (``None``: when there are 64 episodes or more).
         on_image_error: as in `run_rollouts`.
+        episode_ids: the id each episode's env reset is seeded by (default its position ``b * G + g``).
     """
-    episodes = _make_episodes(samples, group_size, _as_factory(env, env_kwargs))
+    episodes = _make_episodes(samples, group_size, _as_factory(env, env_kwargs), episode_ids)
     groups = _Groups(episodes, on_image_error)
     bar = _progress(episodes, progress)
     for ep in episodes:

@@ -5,8 +5,10 @@
     zoomgym train CONFIG [key.sub=value ...] [--resume RUN_DIR] [--import MODULE]
     zoomgym train --resume RUN_DIR [key.sub=value ...]      # CONFIG defaults to RUN_DIR/config.yaml
     zoomgym train --help-config                             # every config key, its default and help
-    zoomgym eval CONFIG [key.sub=value ...]                 # greedy validation of model.path on data.val
-    zoomgym eval --agent oracle random [--n 50 --out DIR]   # scripted agents on synthetic questions
+    zoomgym eval --model PATH --data vstar:DIR [--counterfactual] [--out DIR]   # a benchmark (docs/evaluation.md)
+    zoomgym eval CONFIG [key.sub=value ...] [--data SPEC]   # the config's protocol, on data.val unless --data
+    zoomgym eval --agent oracle|random|replay:FILE --data synthetic:50           # scripted agents, same path
+    zoomgym eval --compare OUT_A OUT_B                      # two runs, sample by sample
     zoomgym tiny-model OUT [--size 1m|10m|50m] [--seed S]   # the offline tiny Qwen2.5-VL
     zoomgym demo [key.sub=value ...]                        # what `make demo` runs
 
@@ -27,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from zoomgym.algorithms.config import RUN_CONFIG_FILE, Config, check_run_dir, describe, load_config, validate
-from zoomgym.envs import DEFAULT_ENV_ID
+from zoomgym.algorithms.evaluation import add_eval_arguments, eval_command
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
@@ -124,57 +126,6 @@ def _tiny_model(argv: Sequence[str]) -> int:
     return tiny_model_main(list(argv))
 
 
-def _eval(args: argparse.Namespace) -> int:
-    """``zoomgym eval CONFIG``: greedy validation of the config's model on its ``data.val``;
-    ``zoomgym eval --agent ...``: scripted agents on synthetic questions. Both through one rollout
-    engine and one metrics vocabulary (`agents.evaluate`)."""
-    for module in args.imports:
-        importlib.import_module(module)
-    if args.agent:
-        if args.items:
-            print("zoomgym: error: Expects either CONFIG (a model) or --agent (scripted agents), actual: both",
-                  file=sys.stderr)
-            return 2
-        return _eval_scripted(args)
-    try:
-        cfg = resolve_config(args.items)
-    except (ValueError, TypeError) as err:
-        print(f"zoomgym: error: {err}", file=sys.stderr)
-        return 2
-    from zoomgym.algorithms.build import env_id_of
-    from zoomgym.algorithms.run import evaluate_model
-
-    metrics = evaluate_model(cfg)
-    print(f"{cfg.model.path}: greedy, {env_id_of(cfg)}")
-    for key, value in sorted(metrics.items()):
-        print(f"  {key.removeprefix('val/'):<48} {value:.4f}")
-    return 0
-
-
-def _eval_scripted(args: argparse.Namespace) -> int:
-    from zoomgym.agents.evaluate import evaluate
-    from zoomgym.envs.data import synthetic
-    from zoomgym.envs.data.synthetic import budget_made_for
-
-    from zoomgym import agents
-
-    samples = synthetic(args.n, seed=args.seed, preset=args.preset)
-    budget = budget_made_for(samples[0])  # the preset's own view
-    results = {}
-    for name in args.agent:
-        agent = agents.OracleAgent() if name == "oracle" else agents.RandomAgent(seed=args.seed)
-        results[name] = evaluate(agent, samples, args.env, env_kwargs={"view_budget": budget}, seed=args.seed,
-                                 out_dir=Path(args.out) / name, n_render=args.render)
-    print(f"{args.env}, {args.n} synthetic samples (preset {args.preset!r}, seed {args.seed})")
-    print(f"{'agent':<8} {'accuracy':>8} {'valid box':>9} {'fallback':>8} {'mean IoU':>8}")
-    for name, m in results.items():
-        cells = [f"{m[f'eval/{key}']:.2f}" if f"eval/{key}" in m else "-"
-                 for key in ("accuracy", "valid_box_ratio", "fallback_ratio", "iou")]
-        print(f"{name:<8} {cells[0]:>8} {cells[1]:>9} {cells[2]:>8} {cells[3]:>8}")
-    print(f"metrics and rendered episodes under {args.out}/")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``zoomgym`` argument parser (``tiny-model`` forwards its arguments)."""
     parser = argparse.ArgumentParser(prog="zoomgym", description="Teach multimodal models to look closer.")
@@ -192,20 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build the tiny model if needed and train configs/quickstart.yaml")
     demo.add_argument("items", nargs="*", metavar="key.sub=value", help="overrides of the quickstart config")
 
-    evaluate = sub.add_parser("eval", help="eval CONFIG [overrides]: greedy validation of model.path on data.val; "
-                                           "eval --agent oracle random: scripted agents on synthetic questions")
-    evaluate.add_argument("items", nargs="*", metavar="CONFIG | key.sub=value",
-                          help="a YAML config (its model, env and data.val), then overrides")
-    evaluate.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                          help="import a module first (e.g. one that registers your algorithm or backend)")
-    scripted = evaluate.add_argument_group("scripted agents (instead of CONFIG)")
-    scripted.add_argument("--agent", nargs="+", choices=["oracle", "random"], help="scripted agents to evaluate")
-    scripted.add_argument("--env", default=DEFAULT_ENV_ID, help=f"env id (default {DEFAULT_ENV_ID})")
-    scripted.add_argument("--n", type=int, default=50, help="synthetic samples (default 50)")
-    scripted.add_argument("--seed", type=int, default=0, help="samples, env resets and the random agent")
-    scripted.add_argument("--preset", default="default", help="synthetic preset (its view budget is used)")
-    scripted.add_argument("--render", type=int, default=4, help="episodes rendered as PNG per agent")
-    scripted.add_argument("--out", default="runs/scripted", help="where metrics.json and the PNGs go")
+    evaluate = sub.add_parser("eval", help="evaluate a model (or a scripted agent) on a benchmark with a stated "
+                                           "protocol: resumable, counterfactual zoom analysis, HTML report; --compare")
+    add_eval_arguments(evaluate)
     sub.add_parser("tiny-model", help="build the offline tiny Qwen2.5-VL (see `zoomgym tiny-model --help`)",
                    add_help=False)
     return parser
@@ -251,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         return _demo(args)
     if args.command == "eval":
-        return _eval(args)
+        return eval_command(args)
     return _train(args)
 
 

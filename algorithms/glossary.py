@@ -5,8 +5,8 @@ ARCHITECTURE.md's glossary table is this module's `markdown_table` (``python -m
 zoomgym.algorithms.glossary`` prints it; ``tests/test_docs.py`` checks the two agree). A new metric is
 its code plus one `Metric` here.
 
-Key patterns: ``*`` stands for the episode prefixes (``train``, ``val/<set>``, ``eval``), ``<name>``
-for one path segment.
+Key patterns: ``*`` stands for the episode prefixes (``train``, ``val/<set>``, and ``zoomgym eval``'s arms
+``eval``, ``direct``, ``oracle_crop``), ``<name>`` for one path segment.
 
 >>> describe("val/vstar/accuracy")
 'share of episodes whose final answer is correct, `sum_i c_i / N`'
@@ -51,6 +51,22 @@ GLOSSARY: tuple[Metric, ...] = (
            "(missing/invalid box)"),
     Metric(("*/iou",), "mean over valid boxes of the max IoU with the sample's ground-truth boxes (samples with "
            "boxes only)"),
+    Metric(("*/target_hit_ratio",), "over grounding turns on samples with ground-truth boxes: share whose box is "
+           "valid, contains the centre of a ground-truth box and covers at most a quarter of the image "
+           "(`TARGET_MAX_AREA`); invalid boxes and fallbacks are misses. Read this, not `valid_box_ratio`, as \"the "
+           "model looks at the right place\": a well-formed box on the wrong object is valid, and a box of the whole "
+           "image contains every centre"),
+    Metric(("*/target_hit_ratio/<category>",), "target-hit ratio over the grounding turns of one sample category (as "
+           "`accuracy/<category>`)"),
+    Metric(("*/crop_useful_ratio", "*/crop_useful_ratio/<category>"), "over valid boxes on samples with ground-truth "
+           "boxes: share whose crop contains every ground-truth box or has IoU >= 0.5 (`USEFUL_IOU`) with one; per "
+           "sample category"),
+    Metric(("*/l2_accuracy/<label>",), "accuracy per MME-RealWorld `l2-category` (`sample.meta`); its task is "
+           "`accuracy/<category>`"),
+    Metric(("*/rotation_accuracy",), "HR-Bench: the mean over its option rotations (`meta[\"cycle_category\"]`) of "
+           "each rotation's accuracy"),
+    Metric(("*/all_rotations_accuracy",), "HR-Bench: share of questions answered right in every rotation of their "
+           "options"),
     Metric(("*/zoom_rate",), "share of episodes with at least one valid box (the model was shown a crop)"),
     Metric(("*/accuracy_zoomed", "*/accuracy_not_zoomed"), "accuracy over the episodes with a valid box; over the "
            "rest"),
@@ -60,6 +76,23 @@ GLOSSARY: tuple[Metric, ...] = (
     Metric(("*/visual_tokens",), "mean visual tokens per episode, all images shown (original view + crops)"),
     Metric(("*/truncated_ratio", "*/context_truncated_ratio"), "share of episodes ended without an answer (turn or "
            "context budget); by the context budget"),
+    Metric(("*/episodes",), "*eval only*: episodes the arm played (the `oracle_crop` arm plays samples with "
+           "ground-truth boxes only)"),
+    Metric(("*/avg@<k>", "*/avg@<k>_std"), "*eval only*, `--samples K` (K > 1): mean accuracy over the K draws of "
+           "every question; the standard deviation over the K draws of each draw's accuracy"),
+    Metric(("*/pass@<k>", "*/pass@<k>_se"), "*eval only*, `--samples K` (K > 1): share of questions right in at "
+           "least one draw; its standard error over questions, `sqrt(p (1 - p) / n)`"),
+    Metric(("counterfactual/pairs",), "*eval only*, `--counterfactual`: questions (and draws) played both in "
+           "`direct` and in `eval`, paired by sample id and draw"),
+    Metric(("counterfactual/tool_gain", "counterfactual/tool_harm", "counterfactual/tool_gain/<category>",
+            "counterfactual/tool_harm/<category>"), "share of pairs wrong without zoom and right with it (gain), "
+           "right without and wrong with (harm); per sample category"),
+    Metric(("counterfactual/net_gain", "counterfactual/net_gain/<category>"), "`tool_gain - tool_harm` (= "
+           "`eval/accuracy - direct/accuracy` over the pairs); per sample category"),
+    Metric(("counterfactual/both_right", "counterfactual/both_wrong"), "share of pairs right (wrong) both without "
+           "and with zoom"),
+    Metric(("counterfactual/oracle_crop_headroom",), "`oracle_crop` accuracy minus `eval` accuracy over the "
+           "questions (and draws) both played: what a perfect first box would add"),
     Metric(("train/skipped_samples", "val/<set>/skipped_samples"), "samples whose image failed to decode at run "
            "time: skipped with their whole group (the run goes on; the log names each one once)"),
     Metric(("train/weight_version",), "version of the weights after the step (= step); every trajectory of step s "
@@ -107,7 +140,7 @@ GLOSSARY: tuple[Metric, ...] = (
            "question, the model's text per turn and what the env made of it, the parsed answer, the truth, the "
            "reward; the same text goes to `RUN_DIR/samples.jsonl`", kind="text"),
 )
-"""Every key `zoomgym train` logs, in the order of ARCHITECTURE.md's table."""
+"""Every key `zoomgym train` and `zoomgym eval` log, in the order of ARCHITECTURE.md's table."""
 
 
 def describe(key: str) -> str | None:

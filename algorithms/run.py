@@ -1,14 +1,25 @@
-"""What ``zoomgym train`` and ``zoomgym eval CONFIG`` do: validate the config, build, train or evaluate.
+"""What ``zoomgym train`` and ``zoomgym eval`` do: validate the config, build, train or evaluate.
 
     algo = run(load_config("configs/quickstart.yaml"))          # = zoomgym train configs/quickstart.yaml
-    metrics = evaluate_model(load_config("configs/quickstart.yaml", ["model.path=runs/x/checkpoints/step_000012"]))
+    cfg = load_config("configs/quickstart.yaml", ["model.path=runs/x/checkpoints/step_000012"])
+    metrics = evaluate_model(cfg, load_samples(cfg.data.val[0]), out_dir="runs/eval/step_12")   # = zoomgym eval
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from zoomgym.algorithms.build import build_agent, env_factory, env_id_of, load_datasets, load_val_sets
+from zoomgym.algorithms.build import (
+    build_agent,
+    env_factory,
+    env_id_of,
+    env_kwargs,
+    load_datasets,
+    sampling_params,
+)
 from zoomgym.algorithms.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from zoomgym.algorithms.config import Config, check_run_dir
 from zoomgym.algorithms.config import validate as validate_config
@@ -63,27 +74,69 @@ def run(cfg: Config, resume: bool = False) -> Any:
     return algo
 
 
-def evaluate_model(cfg: Config) -> dict[str, float]:
-    """Greedy episodes of ``cfg.model.path`` on every ``cfg.data.val`` set: the trainer's validation protocol.
+def model_identity(cfg: Config) -> dict[str, Any]:
+    """What identifies ``cfg``'s model in an evaluation run: its name, the fingerprint of its folder (or its
+    hub id), the backend and the dtype; computed without loading it."""
+    from zoomgym.agents.evaluate.identity import model_fingerprint
 
-    The env is ``cfg.env.id`` or the configured algorithm's own, so a base model and its trained
-    checkpoint are measured the same way (``zoomgym eval CONFIG model.path=CKPT``).
+    return {"name": Path(cfg.model.path).name or cfg.model.path, **model_fingerprint(cfg.model.path),
+            "backend": cfg.rollout.backend, "dtype": cfg.model.dtype}
+
+
+def evaluate_model(
+    cfg: Config,
+    samples: Sequence[Any],
+    *,
+    agent: Any = None,
+    agent_identity: Mapping[str, Any] | None = None,
+    out_dir: str | Path | None = None,
+    limit: int | None = None,
+    data: Mapping[str, Any] | None = None,
+    counterfactual: bool = False,
+    draws: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+    n_trajectories: int = 24,
+    progress: bool | None = None,
+) -> dict[str, float]:
+    """Evaluates ``cfg.model.path`` on ``samples`` with the config's protocol: what ``zoomgym eval`` runs.
+
+    The env is ``cfg.env.id`` or the configured algorithm's own, with ``env.options`` (prompts, turns);
+    the view budget, backend, token budgets and seed are the config's (the seed of the trainer's
+    validation), so a base model and its trained checkpoint are measured the same way
+    (``zoomgym eval CONFIG model.path=CKPT``). Decoding is greedy unless ``temperature > 0``.
+
+    Args:
+        cfg: the config (validated here).
+        samples: the benchmark (``limit`` selects the first ones).
+        agent: the agent to evaluate instead of building ``cfg``'s (a scripted one, or one already built).
+        agent_identity: what identifies a scripted agent in the run (default `model_identity`: the model folder's fingerprint,
+            backend and dtype).
+        out_dir, limit, data, counterfactual, draws, batch_size, n_trajectories, progress: see
+            `agents.evaluate.evaluate`.
+        temperature, top_p: sampling of an LMM agent (``draws > 1`` needs ``temperature > 0``).
 
     Returns:
-        ``val/<set>/...`` metrics (`agents.metrics`).
+        `agents.evaluate.evaluate`'s numbers (``eval/accuracy``, ...).
     """
     import torch
-    from zoomgym.agents.evaluate import play_greedy
-    from zoomgym.agents.metrics import episode_metrics
+    from zoomgym.agents.evaluate import evaluate
+    from zoomgym.agents.lmm import LMMAgent
+    from zoomgym.algorithms.evaluation import scripted_view_budget
 
     validate_config(cfg)
-    agent = build_agent(cfg)
-    env_fn = env_factory(cfg, env_id_of(cfg), agent)
-    metrics: dict[str, float] = {}
+    if agent is None:
+        agent = build_agent(cfg)
+    lmm = isinstance(agent, LMMAgent)
+    if agent_identity is None:
+        agent_identity = model_identity(cfg)
+    seed = validation_seed(cfg)  # the trainer's validation: greedy evaluation repeats its numbers
+    sampling = dataclasses.replace(sampling_params(cfg, greedy=True, seed=seed), temperature=temperature, top_p=top_p)
     with torch.no_grad():
-        for name, samples in load_val_sets(cfg.data.val).items():
-            trajectories = play_greedy(agent, samples, env_fn, seed=validation_seed(cfg),
-                                       context_budget=cfg.rollout.max_context_tokens,
-                                       max_new_tokens=cfg.rollout.max_new_tokens)
-            metrics.update(episode_metrics(trajectories, f"val/{name}"))
-    return metrics
+        return evaluate(agent, samples, env_id_of(cfg), env_kwargs=env_kwargs(cfg),
+                        view_budget=None if lmm else scripted_view_budget(cfg, samples), counterfactual=counterfactual,
+                        draws=draws, sampling=sampling if lmm else None, seed=seed,
+                        context_budget=cfg.rollout.max_context_tokens, limit=limit, batch_size=batch_size,
+                        out_dir=out_dir, n_trajectories=n_trajectories, model=agent_identity, data=data,
+                        progress=progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gymnasium
+import pytest
 import torch
 from zoomgym.agents.backends.base import SamplingParams, decode_text
 from zoomgym.agents.rollout import episode_seed, run_rollouts
@@ -67,6 +68,17 @@ def test_seeded_draws_do_not_depend_on_the_batch(tiny_agent, samples):
     small = tiny_agent.rollout(samples[:1], 2, "zoomgym/ZoomEnv-v0", sampling)
     large = tiny_agent.rollout(samples, 2, "zoomgym/ZoomEnv-v0", sampling)
     assert [t.input_ids.tolist() for t in small] == [t.input_ids.tolist() for t in large[:2]]
+
+
+def test_episode_ids_draw_a_cut_of_the_batch_as_the_whole_batch_draws_it(tiny_agent, samples):
+    sampling = SamplingParams(temperature=1.0, seed=5, max_new_tokens=6)
+    whole = tiny_agent.rollout(samples, 2, "zoomgym/DirectVQA-v0", sampling)
+    cut = tiny_agent.rollout(samples[2:], 2, "zoomgym/DirectVQA-v0", sampling, episode_ids=[4, 5, 6, 7])
+    assert [t.input_ids.tolist() for t in cut] == [t.input_ids.tolist() for t in whole[4:]]
+    alone = tiny_agent.rollout(samples[2:], 2, "zoomgym/DirectVQA-v0", sampling)  # numbered 0..3: other draws
+    assert [t.input_ids.tolist() for t in alone] != [t.input_ids.tolist() for t in whole[4:]]
+    with pytest.raises(ValueError, match="4 distinct episode_ids"):
+        tiny_agent.rollout(samples[2:], 2, "zoomgym/DirectVQA-v0", sampling, episode_ids=[4, 4, 5, 6])
 
 
 def test_seeded_sampling_is_reproducible_and_differs_within_a_group(tiny_agent, samples):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -123,27 +124,25 @@ def test_resume_uses_the_runs_own_config(tmp_path: Path) -> None:
     assert (resolved.name, resolved.trainer.steps, resolved.logging.run_dir) == ("mine", 5, str(tmp_path / "run"))
 
 
-def test_eval_a_model_with_the_validation_protocol(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_a_model_with_the_validation_protocol(tiny_model_dir: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["eval", "configs/quickstart.yaml", f"model.path={tiny_model_dir}",
                "model.min_pixels=12544", "model.max_pixels=12544", "env.options.check_view_budget=false", "rollout.max_new_tokens=6",
-               "data.val=[{name: synthetic, options: {n: 2, seed: 1, preset: cpu}, label: heldout}]"])
+               "data.val=[{name: synthetic, options: {n: 2, seed: 1, preset: cpu}, label: heldout}]", "--out", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "heldout/accuracy " in out and "heldout/valid_box_ratio" in out
+    assert "| eval | 2 | 0.000 |" in out and "valid box" in out
+    assert json.loads((tmp_path / "heldout" / "results.json").read_text())["metrics"]["eval/episodes"] == 2
 
 
 def test_eval_scripted_agents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import json
-
-    rc = main(["eval", "--agent", "oracle", "random", "--n", "4", "--preset", "cpu", "--render", "1",
+    rc = main(["eval", "--agent", "oracle", "--data", "synthetic:4", "--preset", "cpu", "--trajectories", "1",
                "--out", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "zoomgym/ZoomEnv-v0, 4 synthetic samples" in out
-    oracle = next(line for line in out.splitlines() if line.startswith("oracle"))
-    assert oracle.split()[1:4] == ["1.00", "1.00", "0.00"]  # accuracy, valid box, fallback
-    for name in ("oracle", "random"):
-        assert json.loads((tmp_path / name / "metrics.json").read_text())["eval/episodes"] == 4
-        assert len(list((tmp_path / name).glob("*.png"))) == 1
-    assert main(["eval", "configs/quickstart.yaml", "--agent", "oracle"]) == 2
-    assert "either CONFIG" in capsys.readouterr().err
+    assert "# zoomgym eval: oracle on synthetic:4" in out
+    assert "| eval | 4 | 1.000 | 1.000 | 0.000 |" in out  # episodes, accuracy, valid box, fallback
+    assert json.loads((tmp_path / "results.json").read_text())["metrics"]["eval/episodes"] == 4
+    assert (tmp_path / "report.html").read_text().count('<div class="card"') == 1
+    assert main(["eval", "--model", str(tmp_path), "--agent", "oracle", "--data", "synthetic:2"]) == 2
+    assert "--model (a model) or --agent" in capsys.readouterr().err
