@@ -93,8 +93,9 @@ GLOSSARY: tuple[Metric, ...] = (
            "and with zoom"),
     Metric(("counterfactual/oracle_crop_headroom",), "`oracle_crop` accuracy minus `eval` accuracy over the "
            "questions (and draws) both played: what a perfect first box would add"),
-    Metric(("train/skipped_samples", "val/<set>/skipped_samples"), "samples whose image failed to decode at run "
-           "time: skipped with their whole group (the run goes on; the log names each one once)"),
+    Metric(("*/skipped_samples",), "samples whose image failed to decode at run time: skipped with their whole "
+           "group (in `zoomgym eval`, with all their draws in that arm; a resumed evaluation tries them again); the "
+           "run goes on, and the log names each one once"),
     Metric(("train/weight_version",), "version of the weights after the step (= step); every trajectory of step s "
            "was sampled at version s - 1"),
     Metric(("train/lr",), "learning rate of the step's first optimizer step"),

@@ -198,6 +198,9 @@ def evaluate(
         log = EpisodeLog(out / EPISODES_FILE)
     records = run_evaluation(agent, selection, arms, settings, log=log, progress=progress)
     metrics = score(records, draws)
+    for arm in arms:  # a sample whose image failed to decode has no records in the arm (runner)
+        played = {record.sample_id for record in records[arm.name]}
+        metrics[f"{arm.name}/skipped_samples"] = float(sum(arm.plays(s) and s.id not in played for s in selection))
     if out_dir is not None:
         results = {"format": FORMAT, "model": manifest["model"],
                    "data": {**manifest["data"], "source": (data or {}).get("source"), "evaluated": len(selection)},

@@ -14,10 +14,15 @@ token-exact with its backend, any other agent through `agents.rollout.play_episo
 episodes are appended to the `EpisodeLog` as soon as the batch is scored. Episode ``draw`` of the
 sample at dataset position ``index`` is seeded as episode ``index * draws + draw`` in every arm, so a
 run cut into batches, interrupted and resumed draws exactly what one uninterrupted call would.
+
+A sample whose image fails to decode as its env resets or steps (`envs.data.ImageLoadError`) is skipped
+in that arm with all its draws (`SkippedImages`: named on stderr once, counted by `evaluate` in
+``<arm>/skipped_samples``); the run goes on, and a resumed run tries it again.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,6 +140,20 @@ class EvalSettings:
             raise ValueError(f"Expects draws >= 1 and batch_size >= 1, actual: {self.draws}, {self.batch_size}")
 
 
+class SkippedImages:
+    """The rollout engine's ``on_image_error`` in an evaluation: the samples whose image failed to decode,
+    each named on stderr the first time only."""
+
+    def __init__(self) -> None:
+        self.sample_ids: set[str] = set()
+
+    def __call__(self, error: Any) -> None:
+        if error.sample_id not in self.sample_ids:
+            self.sample_ids.add(error.sample_id)
+            tqdm.write(f"zoomgym: skipping sample {error.sample_id!r}, its image failed to decode (named once, "
+                       f"counted in <arm>/skipped_samples, tried again on resume): {error}", file=sys.stderr)
+
+
 def is_lmm(agent: Any) -> bool:
     """Whether ``agent`` is an `LMMAgent` (played token-exact through its backend), without importing torch
     for scripted agents."""
@@ -143,22 +162,27 @@ def is_lmm(agent: Any) -> bool:
     return isinstance(agent, LMMAgent)
 
 
-def play_batch(agent: Any, arm: Arm, batch: Sequence[tuple[int, Any]], settings: EvalSettings) -> list[EpisodeRecord]:
-    """Every draw of each ``(index, sample)`` of ``batch`` in ``arm``, as records in batch order."""
+def play_batch(agent: Any, arm: Arm, batch: Sequence[tuple[int, Any]], settings: EvalSettings,
+               on_image_error: SkippedImages | None = None) -> list[EpisodeRecord]:
+    """Every draw of each ``(index, sample)`` of ``batch`` in ``arm``, as records in batch order; with
+    ``on_image_error``, a sample whose image fails to decode has none (the module docstring)."""
     samples, k = [sample for _, sample in batch], settings.draws
     ids = [index * k + draw for index, _ in batch for draw in range(k)]
     factory = arm.factory(settings.view_budget, settings.coord_frame)
     if isinstance(agent, EpisodeAgents):
-        trajectories = [play_episodes(agent.make(sample, index, draw, arm.name), [sample], 1, factory,
-                                      seed=settings.seed, episode_ids=[index * k + draw], progress=False)[0]
-                        for index, sample in batch for draw in range(k)]
+        trajectories = [t for index, sample in batch for draw in range(k)
+                        for t in play_episodes(agent.make(sample, index, draw, arm.name), [sample], 1, factory,
+                                               seed=settings.seed, episode_ids=[index * k + draw], progress=False,
+                                               on_image_error=on_image_error)]
     elif is_lmm(agent):
         trajectories = agent.rollout(samples, k, factory, settings.sampling, context_budget=settings.context_budget,
-                                     progress=False, episode_ids=ids)
+                                     progress=False, episode_ids=ids, on_image_error=on_image_error)
     else:
-        trajectories = play_episodes(agent, samples, k, factory, seed=settings.seed, episode_ids=ids, progress=False)
+        trajectories = play_episodes(agent, samples, k, factory, seed=settings.seed, episode_ids=ids, progress=False,
+                                     on_image_error=on_image_error)
+    played = {t.sample_id for t in trajectories}  # the engine drops a failed sample's draws together
     return [EpisodeRecord.of(t, arm.name, index, draw)
-            for t, (index, draw) in zip(trajectories, [(i, d) for i, _ in batch for d in range(k)])]
+            for t, (index, draw) in zip(trajectories, [(i, d) for i, s in batch if s.id in played for d in range(k)])]
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -201,10 +225,11 @@ def run_evaluation(
                        and any((arm.name, s.id, d) not in done for d in range(settings.draws))] for arm in arms}
     total = sum(len(items) for items in todo.values()) * settings.draws
     bar = tqdm(total=total, desc="eval", unit="episode", disable=not (progress if progress is not None else total >= 64))
+    skipped = SkippedImages()
     for arm in arms:
         bar.set_postfix_str(arm.name)
         for batch in _batches(todo[arm.name], settings.batch_size):
-            new = [r for r in play_batch(agent, arm, batch, settings) if r.key not in done]
+            new = [r for r in play_batch(agent, arm, batch, settings, skipped) if r.key not in done]
             if log is not None:
                 log.append(new)
             stored += [r.to_json() for r in new]

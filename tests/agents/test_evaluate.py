@@ -294,3 +294,23 @@ def test_the_report_shows_model_and_data_text_as_text(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert "<img src=x" not in page and "<script>alert" not in page and "<b>id</b>" not in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page and page.count("<script>") == 1  # the page's own filters
+
+
+def test_a_sample_whose_image_fails_to_decode_is_skipped_counted_and_named_once(tmp_path, capsys):
+    """A corrupt image mid-benchmark stopped the whole evaluation; now its episodes are skipped in every arm."""
+    import dataclasses
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    good = reading_samples()[:3]
+    broken = dataclasses.replace(good[0], id="broken", image=str(tmp_path / "broken.png"))
+    samples = [good[0], broken, *good[1:]]
+    agents = EpisodeAgents(lambda sample, index, draw, arm: ReadingAgent())
+    for agent in (ReadingAgent(), agents):  # one agent for every episode, or one per episode
+        out = tmp_path / type(agent).__name__
+        metrics = evaluate(agent, samples, view_budget=BUDGET, counterfactual=True, out_dir=out, draws=2)
+        clean = evaluate(agent, good, view_budget=BUDGET, counterfactual=True, draws=2)
+        for arm in ("direct", "eval", "oracle_crop"):
+            assert metrics[f"{arm}/skipped_samples"] == 1.0 and clean[f"{arm}/skipped_samples"] == 0.0
+            assert metrics[f"{arm}/episodes"] == 6.0 and metrics[f"{arm}/accuracy"] == clean[f"{arm}/accuracy"]
+        assert "broken" not in (out / "episodes.jsonl").read_text()
+        assert capsys.readouterr().err.count("skipping sample 'broken'") == 1  # named once, not per arm or draw
