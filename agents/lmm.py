@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from zoomgym.agents.backends import BACKENDS
 from zoomgym.agents.backends.base import Backend, GenerationRequest, SamplingParams, decode_text
-from zoomgym.agents.rollout import EnvSpec, run_rollouts
+from zoomgym.agents.rollout import EnvSpec, ImageErrorHandler, run_rollouts
 from zoomgym.agents.scoring import token_logprobs
 from zoomgym.agents.trajectory import Trajectory, collate
 from zoomgym.agents.weights import merged_state_dict
@@ -172,10 +172,13 @@ class LMMAgent:
         context_budget: int | None = None,
         env_kwargs: Mapping[str, Any] | None = None,
         progress: bool | None = None,
+        on_image_error: ImageErrorHandler | None = None,
+        episode_ids: Sequence[int] | None = None,
     ) -> list[Trajectory]:
         """Plays ``group_size`` episodes per sample; see `agents.rollout.run_rollouts`.
 
-        ``weight_version`` defaults to the version of the weights the backend holds.
+        ``weight_version`` defaults to the version of the weights the backend holds; ``on_image_error``
+        skips the groups of samples whose image fails to decode (`agents.rollout`).
         """
         return run_rollouts(
             self.backend,
@@ -188,6 +191,8 @@ class LMMAgent:
             context_budget=context_budget,
             env_kwargs=env_kwargs,
             progress=progress,
+            on_image_error=on_image_error,
+            episode_ids=episode_ids,
         )
 
     def collate(self, trajectories: Sequence[Trajectory]) -> dict[str, Any]:

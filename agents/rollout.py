@@ -21,7 +21,14 @@ ends there, ``truncated`` and ``context_truncated`` are set on the trajectory an
 
 Seeds: with ``sampling.seed`` set, the draws of episode ``e`` in turn ``k`` use the seed
 ``SeedSequence([seed, e, k])``, so results do not depend on batch size or on which episodes are still
-running; env resets use ``seed + e``.
+running; env resets use ``seed + e``. ``e`` is the episode's position in the call, or the id the caller
+gives it (``episode_ids``: an evaluation that plays a dataset in batches, and resumes, numbers each
+episode by its sample's place in the dataset).
+
+Unreadable images: an env raises `envs.data.ImageLoadError` from ``reset`` or ``step`` when a sample's
+image fails to decode. With ``on_image_error`` set, the engine stops that sample's episodes, drops its
+whole group from the result (an advantage needs the whole group) and calls ``on_image_error(error)``
+once per sample, so a trainer counts it and goes on; without it, the error propagates.
 
 Agents that act on text (the `agents.base.Agent` protocol: the scripted agents, or any other) play
 through the same engine with `play_episodes`: same envs, resets, seeds, bookkeeping and `Trajectory`,
@@ -40,11 +47,14 @@ from tqdm.auto import tqdm
 from zoomgym.agents.backends.base import Backend, Generation, GenerationRequest, SamplingParams, decode_text
 from zoomgym.agents.trajectory import Trajectory
 from zoomgym.envs import DEFAULT_ENV_ID
+from zoomgym.envs.data import ImageLoadError
 from zoomgym.envs.spaces import message_images, message_views
 
 EnvSpec = str | Callable[[Any], Any]
 """A registered env id (built with ``gymnasium.make(id, dataset=[sample], view_budget=..., coord_frame=...)``)
 or a factory ``sample -> env``."""
+ImageErrorHandler = Callable[[ImageLoadError], None]
+"""Called once per sample whose image failed to decode (its group was dropped)."""
 
 
 def episode_seed(seed: int, episode: int, turn: int) -> int:
@@ -70,6 +80,7 @@ class _Episode:
         self.reward = 0.0
         self.terminated = self.truncated = self.context_truncated = False
         self.done = False
+        self.image_error: ImageLoadError | None = None
 
     def append(self, ids: Sequence[int], logps: Sequence[float] | None = None) -> None:
         """Appends model tokens (with their log-probs, mask 1) or template/env tokens (mask 0)."""
@@ -103,11 +114,43 @@ class _Episode:
         self.n_messages = len(observation)
 
 
-def _make_episodes(samples: Sequence[Any], group_size: int, make_env: Callable[[Any], Any]) -> list[_Episode]:
+def _make_episodes(samples: Sequence[Any], group_size: int, make_env: Callable[[Any], Any],
+                   episode_ids: Sequence[int] | None) -> list[_Episode]:
     if group_size < 1:
         raise ValueError(f"Expects group_size >= 1, actual: {group_size!r}")
-    return [_Episode(b * group_size + g, b, sample, make_env(sample))
+    n = len(samples) * group_size
+    ids = list(range(n)) if episode_ids is None else [int(i) for i in episode_ids]
+    if len(ids) != n or len(set(ids)) != n:
+        raise ValueError(f"Expects {n} distinct episode_ids (samples x group_size), actual: {episode_ids!r}")
+    return [_Episode(ids[b * group_size + g], b, sample, make_env(sample))
             for b, sample in enumerate(samples) for g in range(group_size)]
+
+
+class _Groups:
+    """The episodes by group, and the groups a decode failure stopped."""
+
+    def __init__(self, episodes: Sequence[_Episode], on_image_error: ImageErrorHandler | None) -> None:
+        self.episodes, self.on_image_error = episodes, on_image_error
+
+    def guard(self, ep: _Episode, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``; with a handler, an `ImageLoadError` stops every episode of ``ep``'s group."""
+        if self.on_image_error is None:
+            return fn(*args)
+        try:
+            return fn(*args)
+        except ImageLoadError as error:
+            for other in self.episodes:
+                if other.group == ep.group:
+                    other.done = True
+            ep.image_error = error
+            return None
+
+    def intact(self) -> list[_Episode]:
+        """The episodes of groups without a decode failure; the handler hears of each failed group once."""
+        failed = {ep.group: ep.image_error for ep in reversed(self.episodes) if ep.image_error is not None}
+        for error in failed.values():
+            self.on_image_error(error)  # type: ignore[misc]  (only a handler records failures)
+        return [ep for ep in self.episodes if ep.group not in failed]
 
 
 def _reset(ep: _Episode, seed: int | None) -> list[dict[str, Any]]:
@@ -134,6 +177,8 @@ def run_rollouts(
     context_budget: int | None = None,
     env_kwargs: Mapping[str, Any] | None = None,
     progress: bool | None = None,
+    on_image_error: ImageErrorHandler | None = None,
+    episode_ids: Sequence[int] | None = None,
 ) -> list[Trajectory]:
     """Plays ``len(samples) * group_size`` episodes and returns their trajectories.
 
@@ -150,6 +195,9 @@ def run_rollouts(
         context_budget: most tokens an episode may hold (``None``: unlimited).
         env_kwargs: extra ``gymnasium.make`` options when ``env`` is an id.
         progress: show a tqdm bar (``None``: when there are 64 episodes or more).
+        on_image_error: skip the groups of samples whose image fails to decode, calling this once per
+            sample (module docstring); ``None`` lets the `ImageLoadError` propagate.
+        episode_ids: the id each episode is seeded by (default its position ``b * G + g``).
     """
     if context_budget is not None and context_budget < 1:
         raise ValueError(f"Expects context_budget >= 1 or None, actual: {context_budget!r}")
@@ -157,19 +205,20 @@ def run_rollouts(
         sampling = dataclasses.replace(sampling, stop_token_ids=tuple(adapter.eos_ids))
     version = backend.weight_version if weight_version is None else int(weight_version)
     make_env = _as_factory(env, env_kwargs, view_budget=adapter.view_budget(), coord_frame=adapter.coord_frame)
-    episodes = _make_episodes(samples, group_size, make_env)
+    episodes = _make_episodes(samples, group_size, make_env, episode_ids)
+    groups = _Groups(episodes, on_image_error)
     budget = context_budget if context_budget is not None else float("inf")
     bar = _progress(episodes, progress)
     for ep in episodes:
-        obs = _reset(ep, sampling.seed)
-        ids = list(adapter.encode_prefix(obs))
-        if len(ids) >= budget:
-            _end_by_context(ep)
-        else:
-            ep.append(ids)
-            ep.show(obs, obs)
-        if ep.done:
-            bar.update(1)
+        obs = None if ep.done else groups.guard(ep, _reset, ep, sampling.seed)
+        if obs is not None:
+            ids = list(adapter.encode_prefix(obs))
+            if len(ids) >= budget:
+                _end_by_context(ep)
+            else:
+                ep.append(ids)
+                ep.show(obs, obs)
+    bar.update(sum(ep.done for ep in episodes))
 
     turn = 0
     while active := [ep for ep in episodes if not ep.done]:
@@ -183,14 +232,14 @@ def run_rollouts(
             for ep in active
         ]
         for ep, gen in zip(active, backend.generate(requests, sampling)):
-            _advance(ep, gen, adapter, budget)
-            if ep.done:
-                bar.update(1)
+            if not ep.done:  # a decode failure earlier in this round may have stopped its group
+                groups.guard(ep, _advance, ep, gen, adapter, budget)
+        bar.update(sum(ep.done for ep in active))
         turn += 1
     bar.close()
     for ep in episodes:
         ep.env.close()
-    return [_trajectory(ep, adapter, version) for ep in episodes]
+    return [_trajectory(ep, adapter, version) for ep in groups.intact()]
 
 
 def play_episodes(
@@ -202,6 +251,8 @@ def play_episodes(
     seed: int | None = None,
     env_kwargs: Mapping[str, Any] | None = None,
     progress: bool | None = None,
+    on_image_error: ImageErrorHandler | None = None,
+    episode_ids: Sequence[int] | None = None,
 ) -> list[Trajectory]:
     """Plays ``len(samples) * group_size`` episodes of an agent that acts on text.
 
@@ -217,26 +268,31 @@ def play_episodes(
         seed: env resets use ``seed + episode index`` (None: unseeded).
         env_kwargs: ``gymnasium.make`` options when ``env`` is an id (``view_budget``, ``coord_frame``, ...).
         progress: show a tqdm bar (``None``: when there are 64 episodes or more).
+        on_image_error: as in `run_rollouts`.
+        episode_ids: the id each episode's env reset is seeded by (default its position ``b * G + g``).
     """
-    episodes = _make_episodes(samples, group_size, _as_factory(env, env_kwargs))
+    episodes = _make_episodes(samples, group_size, _as_factory(env, env_kwargs), episode_ids)
+    groups = _Groups(episodes, on_image_error)
     bar = _progress(episodes, progress)
     for ep in episodes:
-        obs = _reset(ep, seed)
-        ep.show(obs, obs)
+        obs = None if ep.done else groups.guard(ep, _reset, ep, seed)
+        if obs is not None:
+            ep.show(obs, obs)
+    bar.update(sum(ep.done for ep in episodes))
     while active := [ep for ep in episodes if not ep.done]:
         actions = agent.act([ep.observation for ep in active], [ep.infos[-1] for ep in active])
         if len(actions) != len(active):
             raise RuntimeError(f"Expects {len(active)} actions from the agent, actual: {len(actions)}")
         for ep, action in zip(active, actions):
-            reply = ep.step(action)
-            if reply is None:
-                bar.update(1)
-            else:
-                ep.show(reply, ep.observation)
+            if not ep.done:
+                reply = groups.guard(ep, ep.step, action)
+                if reply is not None:
+                    ep.show(reply, ep.observation)
+        bar.update(sum(ep.done for ep in active))
     bar.close()
     for ep in episodes:
         ep.env.close()
-    return [_trajectory(ep, None, 0) for ep in episodes]
+    return [_trajectory(ep, None, 0) for ep in groups.intact()]
 
 
 def env_factory(
@@ -266,7 +322,16 @@ def env_factory(
     options = {**{k: v for k, v in agent_view.items() if v is not None}, **(env_kwargs or {})}
     if render:
         options["render_mode"] = "rgb_array"
-    return lambda sample: gymnasium.make(env_id, dataset=[sample], **options)
+
+    def make(sample: Any) -> Any:
+        try:
+            return gymnasium.make(env_id, dataset=[sample], **options)
+        except TypeError as error:
+            # Gymnasium's message repeats every argument, the sample's image bytes included: keep the cause.
+            cause = error.__cause__ if isinstance(error.__cause__, TypeError) else error
+            raise TypeError(f"Expects options {env_id} accepts, actual: {cause} (options: {sorted(options)})") from cause
+
+    return make
 
 
 def _as_factory(env: EnvSpec, env_kwargs: Mapping[str, Any] | None, **options: Any) -> Callable[[Any], Any]:

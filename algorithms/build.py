@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from zoomgym.algorithms.config import Config, DatasetConfig
+from zoomgym.algorithms.config import Config, DatasetConfig, builds_model
 
 if TYPE_CHECKING:
     from zoomgym.agents.backends.base import SamplingParams
@@ -51,16 +51,41 @@ def env_factory(cfg: Config, env_id: str, agent: Any, render: bool = False) -> C
                         render=render)
 
 
-def load_samples(spec: DatasetConfig) -> list[Sample]:
-    """``envs.data.load_dataset`` for a config entry (``path`` passed as the loader's path or root)."""
-    from zoomgym.envs.data import DATASETS, load_dataset
+def loader_arguments(spec: DatasetConfig) -> dict[str, Any]:
+    """The keyword arguments of a config entry's loader: its ``options``, and ``path`` passed as the
+    loader's ``path`` or ``root``."""
+    from zoomgym.envs.data import DATASETS
 
     kwargs = dict(spec.options)
     if spec.path is not None:
         params = inspect.signature(DATASETS[spec.name]).parameters
         kwargs["path" if "path" in params else "root"] = spec.path
-    samples = load_dataset(spec.name, **kwargs)
+    return kwargs
+
+
+def load_samples(spec: DatasetConfig) -> list[Sample]:
+    """``envs.data.load_dataset`` for a config entry (`loader_arguments`)."""
+    from zoomgym.envs.data import load_dataset
+
+    samples = load_dataset(spec.name, **loader_arguments(spec))
     return samples[: spec.limit] if spec.limit is not None else samples
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+    """A config's samples: the training set and the validation sets by label."""
+
+    train: list[Sample]
+    val: dict[str, list[Sample]]
+
+
+def load_datasets(cfg: Config) -> Datasets:
+    """``data.train`` and every ``data.val`` set, loaded (every image's header checked)."""
+    train = load_samples(cfg.data.train)
+    if not train:
+        raise ValueError(f"config key 'data.train': expects a non-empty training set, actual: none from "
+                         f"{cfg.data.train.name!r}")
+    return Datasets(train, load_val_sets(cfg.data.val))
 
 
 def load_val_sets(specs: Sequence[DatasetConfig]) -> dict[str, list[Sample]]:
@@ -103,7 +128,8 @@ def backend_settings(cfg: Config) -> dict[str, Any]:
 
 
 def build_agent(cfg: Config) -> LMMAgent:
-    """The LMM agent of a config: builds the offline tiny model on first use, then loads it.
+    """The LMM agent of a config: builds ``model.build`` first where ``model.path`` names its folder
+    (`algorithms.config.builds_model`) and it is missing, then loads ``model.path``.
 
     The backend (``rollout.backend``) gets the model's dtype, the env's image budget per episode
     (`envs.episode_spec`), the context budget, the run's seed and its own config section.
@@ -112,11 +138,12 @@ def build_agent(cfg: Config) -> LMMAgent:
     from zoomgym.envs import episode_spec
 
     path = Path(cfg.model.path).expanduser()
-    if cfg.model.build_tiny is not None and not path.exists():
-        from zoomgym.agents.models import build_tiny_model
+    build = cfg.model.build
+    if builds_model(cfg.model) and not path.exists():
+        from zoomgym.agents.models import MODEL_BUILDERS
 
-        print(f"building the offline tiny model ({cfg.model.build_tiny}) in {path} ...")
-        build_tiny_model(path, size=cfg.model.build_tiny, seed=cfg.trainer.seed)
+        print(f"building the model {build.builder!r} {build.options} into {path} ...")
+        MODEL_BUILDERS[build.builder](path, **build.options)
     return LMMAgent.from_pretrained(
         str(path),
         cfg.rollout.backend,

@@ -10,15 +10,28 @@ Layout of ``RUN_DIR/checkpoints/step_000042/``::
 ``AutoModelForImageTextToText.from_pretrained(ckpt)`` loads the model like any hub model, and
 ``agents.models.load_processor(ckpt)`` the processor; ``AutoProcessor.from_pretrained(ckpt)``, ``vllm serve``
 and lmms-eval load the processor as they load the source model's (with a video processor config from the
-source, where torchvision is installed). With LoRA the folder is a peft adapter over the base model. A checkpoint is written to a temporary folder and renamed into place, so an interrupted save
-never leaves a half checkpoint that ``--resume`` would pick up.
+source, where torchvision is installed). With LoRA the folder is a peft adapter over the base model.
+
+Nothing in a checkpoint is executed: ``trainer_state.pt`` is read with ``torch.load(weights_only=True)``
+and torch's own allow-list, no more (tensors, numbers, strings, bools, None, lists, tuples, dicts), so
+every RNG state is stored as tensors and plain values; weights are safetensors, and the model folder's
+``config.json`` never names remote code that zoomgym would run.
+
+Nothing done is lost to a kill or a full disk: a checkpoint is written to ``step_N.tmp`` and renamed
+into place, so ``--resume`` never picks up half a checkpoint; an old one is pruned by renaming it to
+``step_N.deleting`` first, so a kill while deleting leaves no half checkpoint either; the next save
+removes any ``.tmp`` or ``.deleting`` folder a kill left behind. A save first checks that the disk has
+room for the checkpoint (`checkpoint_bytes`) and reports a failed write naming the folder and its size.
 """
 
 from __future__ import annotations
 
+import contextlib
+import pickle
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +41,28 @@ import torch
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_LEFTOVER = re.compile(r"^step_\d+\.(tmp|deleting)$")
+"""Folders a killed save (``.tmp``) or prune (``.deleting``) left behind."""
 
 
 def rng_state() -> dict[str, Any]:
-    """The global RNG states: python, numpy, torch CPU and (when present) every CUDA device."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The global RNG states: python, numpy, torch CPU and (when present) every CUDA device.
+
+    Tensors and plain values only, so that `load_trainer_state` reads them without unpickling objects.
+    """
+    numpy = np.random.get_state(legacy=False)
+    version, internal, gauss = random.getstate()
+    state = {
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "bit_generator": numpy["bit_generator"],
+            "key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
+            "pos": int(numpy["state"]["pos"]),
+            "has_gauss": int(numpy["has_gauss"]),
+            "gauss": float(numpy["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -40,8 +70,14 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` returned."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python, numpy = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss"]))
+    np.random.set_state({
+        "bit_generator": numpy["bit_generator"],
+        "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": numpy["pos"]},
+        "has_gauss": numpy["has_gauss"],
+        "gauss": numpy["gauss"],
+    })
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -71,6 +107,45 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def checkpoint_bytes(model: Any, trainer_state: dict[str, Any]) -> int:
+    """About the bytes a checkpoint takes: the saved weights (with LoRA, the adapters) and the tensors of
+    the trainer state (the optimizer's moments are twice the trained weights); the processor's files are
+    a few MB at most and not counted."""
+    if getattr(model, "peft_config", None) is not None:
+        weights = [p for p in model.parameters() if p.requires_grad]  # a peft folder holds the adapters only
+    else:
+        weights = list(model.state_dict().values())
+    return _tensor_bytes(weights) + _tensor_bytes(trainer_state)
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Delete the ``.tmp`` and ``.deleting`` folders a killed save or prune left in ``root``."""
+    for folder in root.iterdir():
+        if _LEFTOVER.match(folder.name):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _delete(folder: Path) -> None:
+    """Remove a checkpoint: renamed away first (atomic), so a kill never leaves half of one under its name."""
+    doomed = folder.with_name(folder.name + ".deleting")
+    folder.rename(doomed)
+    shutil.rmtree(doomed)
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -87,34 +162,84 @@ def save_checkpoint(
         step: RL steps completed.
         model: a transformers (or peft) model; saved with ``save_pretrained`` (safetensors).
         processor: its processor; saved with `agents.models.save_processor` (keeps the source's files).
-        trainer_state: optimizer/scheduler state dicts, RNG states, counters (``torch.save``-able).
+        trainer_state: optimizer/scheduler state dicts, RNG states, counters: tensors and plain values
+            only (`load_trainer_state` refuses anything else).
         keep: keep only the newest ``keep`` checkpoints afterwards (0 keeps all).
 
     Returns:
         The checkpoint folder.
+
+    Raises:
+        OSError: the disk lacks room for the checkpoint, or writing it failed (naming the folder and the
+            space it needs); the partial folder is removed and earlier checkpoints are untouched.
     """
+    from safetensors import SafetensorError
     from zoomgym.agents.models import save_processor  # imports transformers: not at module import
 
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    save_processor(processor, tmp)
-    torch.save({"step": step, **trainer_state}, tmp / TRAINER_STATE)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(final.parent)
+    needed = checkpoint_bytes(model, trainer_state)
+    free = shutil.disk_usage(final.parent).free
+    if free < needed:
+        raise OSError(
+            f"Expects {_size(needed)} free to write checkpoint {str(final)!r}, actual: {_size(free)} free on its disk "
+            "(free some space, or set trainer.keep_checkpoints to keep fewer checkpoints)"
+        )
+    try:
+        tmp.mkdir()
+        with _without_transformers_bars():
+            model.save_pretrained(tmp)
+        save_processor(processor, tmp)
+        torch.save({"step": step, **trainer_state}, tmp / TRAINER_STATE)
+    except (OSError, RuntimeError, SafetensorError) as error:  # torch and safetensors report a full disk their way
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(final.parent).free
+        raise OSError(
+            f"Expects to write checkpoint {str(final)!r} (about {_size(needed)}), actual: the write failed with "
+            f"{_size(free)} free on its disk: {error}"
+        ) from error
     if final.exists():
-        shutil.rmtree(final)
+        _delete(final)
     tmp.rename(final)
     if keep > 0:
         for _, old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old)
+            _delete(old)
     return final
 
 
+@contextlib.contextmanager
+def _without_transformers_bars() -> Iterator[None]:
+    """transformers' bar for writing shards would cut through the run's step bar (then restored as it was)."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
-    """The ``trainer_state.pt`` of a checkpoint (it holds python/numpy RNG objects: trusted files only)."""
+    """The ``trainer_state.pt`` of a checkpoint, read without executing anything it holds.
+
+    Raises:
+        ValueError: the folder has no trainer state, or it holds something other than tensors and plain
+            values (a pickled object: refused, never run).
+    """
     path = Path(checkpoint) / TRAINER_STATE
     if not path.is_file():
         raise ValueError(f"Expects a checkpoint folder holding {TRAINER_STATE}, actual: {str(checkpoint)!r} has none")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()
+        refused = next((line.strip() for line in reason if "GLOBAL" in line), reason[0] if reason else "")
+        raise ValueError(
+            f"Expects {str(path)!r} to hold only tensors and plain values (zoomgym never runs code from a "
+            f"checkpoint; one written before zoomgym stored RNG states as tensors cannot be resumed, its "
+            f"weights still load with from_pretrained), actual: {refused}"
+        ) from None

@@ -7,19 +7,25 @@
     zoomgym train --help-config                             # every config key, its default and help
     zoomgym sft CONFIG [key.sub=value ...] [--resume RUN_DIR]   # supervised fine-tuning on chats (sft.*)
     zoomgym toy-base [key.sub=value ...] [--cache DIR] [--force]  # build or reuse the CPU toy base
-    zoomgym eval CONFIG [key.sub=value ...]                 # greedy validation of model.path on data.val
-    zoomgym eval --agent oracle random [--n 50 --out DIR]   # scripted agents on synthetic questions
+    zoomgym eval --model PATH --data vstar:DIR [--counterfactual] [--out DIR]   # a benchmark (docs/evaluation.md)
+    zoomgym eval CONFIG [key.sub=value ...] [--data SPEC]   # the config's protocol, on data.val unless --data
+    zoomgym eval --agent oracle|random|replay:FILE --data synthetic:50           # scripted agents, same path
+    zoomgym eval --compare OUT_A OUT_B                      # two runs, sample by sample
     zoomgym tiny-model OUT [--size 1m|10m|50m] [--seed S]   # the offline tiny Qwen2.5-VL
     zoomgym demo [key.sub=value ...]                        # what `make demo` runs: toy base, then MGPO
 
-Config errors (unknown key, wrong type, missing model or dataset path) are reported before any model
-is loaded, as ``zoomgym: error: ...`` with exit status 2.
+Config errors (unknown key, wrong type, invalid YAML, missing model or dataset path) are reported before
+any model is loaded, as ``zoomgym: error: ...`` with exit status 2. Options and overrides may come in any
+order (``zoomgym train CONFIG --import my_algos trainer.lr=2e-6``); ``--import`` finds modules in the
+current folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +39,7 @@ from zoomgym.algorithms.config import (
     validate,
     validate_sft,
 )
-from zoomgym.envs import DEFAULT_ENV_ID
+from zoomgym.algorithms.evaluation import add_eval_arguments, eval_command
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
@@ -66,13 +72,25 @@ def resolve_config(items: Sequence[str], resume: str | None = None) -> Config:
     return cfg
 
 
+def import_modules(names: Sequence[str]) -> None:
+    """``--import``: import each module, the current folder first on the search path (a console script's
+    own path is its bin/ folder); raises ``ValueError`` naming a module that fails to import."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ValueError(f"Expects --import {name} to name a module in the current folder or installed, "
+                             f"actual: {error}") from error
+
+
 def _train(args: argparse.Namespace) -> int:
     if args.help_config:
         print("\n".join(describe()))
         return 0
-    for module in args.imports:
-        importlib.import_module(module)  # registers user algorithms (or chat tasks) before names are checked
     try:
+        import_modules(args.imports)  # registers user algorithms before the name is checked
         cfg = resolve_config(args.items, args.resume)
         if args.command == "sft":
             validate_sft(cfg)
@@ -87,28 +105,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _toy_base(args: argparse.Namespace) -> int:
-    from zoomgym.algorithms.toy_base import build_toy_base, describe_report
-
-    try:
-        model_dir = build_toy_base(args.items, cache=args.cache, force=args.force)
-    except (ValueError, TypeError) as err:
-        print(f"zoomgym: error: {err}", file=sys.stderr)
-        return 2
-    print(describe_report(model_dir))
-    return 0
-
-
 def _print_summary(algo: object) -> None:
     run_dir = algo.run_dir  # type: ignore[attr-defined]
     print(f"\nrun directory: {run_dir}")
-    print(f"TensorBoard:   tensorboard --logdir {run_dir / 'tensorboard'}")
+    print(f"TensorBoard:   {tensorboard_command()} --logdir {run_dir / 'tensorboard'}")
     print(f"checkpoint:    {algo.last_checkpoint}")  # type: ignore[attr-defined]
     for phase, metrics in (("before", algo.first_validation), ("after", algo.last_validation)):  # type: ignore[attr-defined]
         if metrics:
             shown = "  ".join(f"{k.removeprefix('val/')}={v:.3f}" for k, v in sorted(metrics.items())
                               if k.endswith(("accuracy", "hit_ratio")))
             print(f"validation {phase} training: {shown}")
+
+
+def tensorboard_command() -> str:
+    """``tensorboard`` as this shell can run it: the name when it is on PATH, else the executable next to
+    this Python (``.venv/bin/tensorboard`` after ``make demo`` with no venv activated)."""
+    beside = Path(sys.executable).with_name("tensorboard")
+    if shutil.which("tensorboard") == str(beside) or not beside.exists():
+        return "tensorboard"
+    return os.path.relpath(beside) if beside.resolve().is_relative_to(Path.cwd().resolve()) else str(beside)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -129,11 +144,11 @@ def _demo(args: argparse.Namespace) -> int:
 
     algo = run(cfg)
     _print_summary(algo)
-    print(_what_changed(algo.first_validation, algo.last_validation))
+    print(what_changed(algo.first_validation, algo.last_validation))
     return 0
 
 
-def _what_changed(before: dict[str, float], after: dict[str, float]) -> str:
+def what_changed(before: dict[str, float], after: dict[str, float]) -> str:
     """One line: held-out accuracy and target-hit rate before and after training."""
     parts = []
     for key in sorted(after):
@@ -143,67 +158,29 @@ def _what_changed(before: dict[str, float], after: dict[str, float]) -> str:
     return "what changed: " + ("; ".join(parts) if parts else "no validation before and after training")
 
 
+def _toy_base(args: argparse.Namespace) -> int:
+    from zoomgym.algorithms.toy_base import build_toy_base, describe_report
+
+    try:
+        model_dir = build_toy_base(args.items, cache=args.cache, force=args.force)
+    except (ValueError, TypeError) as err:
+        print(f"zoomgym: error: {err}", file=sys.stderr)
+        return 2
+    print(describe_report(model_dir))
+    return 0
+
+
 def _tiny_model(argv: Sequence[str]) -> int:
     from zoomgym.agents.models import tiny_model_main
 
     return tiny_model_main(list(argv))
 
 
-def _eval(args: argparse.Namespace) -> int:
-    """``zoomgym eval CONFIG``: greedy validation of the config's model on its ``data.val``;
-    ``zoomgym eval --agent ...``: scripted agents on synthetic questions. Both through one rollout
-    engine and one metrics vocabulary (`agents.evaluate`)."""
-    for module in args.imports:
-        importlib.import_module(module)
-    if args.agent:
-        if args.items:
-            print("zoomgym: error: Expects either CONFIG (a model) or --agent (scripted agents), actual: both",
-                  file=sys.stderr)
-            return 2
-        return _eval_scripted(args)
-    try:
-        cfg = resolve_config(args.items)
-    except (ValueError, TypeError) as err:
-        print(f"zoomgym: error: {err}", file=sys.stderr)
-        return 2
-    from zoomgym.algorithms.build import env_id_of
-    from zoomgym.algorithms.run import evaluate_model
-
-    metrics = evaluate_model(cfg)
-    print(f"{cfg.model.path}: greedy, {env_id_of(cfg)}")
-    for key, value in sorted(metrics.items()):
-        print(f"  {key.removeprefix('val/'):<48} {value:.4f}")
-    return 0
-
-
-def _eval_scripted(args: argparse.Namespace) -> int:
-    from zoomgym.agents.evaluate import evaluate
-    from zoomgym.envs.data import synthetic
-    from zoomgym.envs.data.synthetic import budget_made_for
-
-    from zoomgym import agents
-
-    samples = synthetic(args.n, seed=args.seed, preset=args.preset)
-    budget = budget_made_for(samples[0])  # the preset's own view
-    results = {}
-    for name in args.agent:
-        agent = agents.OracleAgent() if name == "oracle" else agents.RandomAgent(seed=args.seed)
-        results[name] = evaluate(agent, samples, args.env, env_kwargs={"view_budget": budget}, seed=args.seed,
-                                 out_dir=Path(args.out) / name, n_render=args.render)
-    print(f"{args.env}, {args.n} synthetic samples (preset {args.preset!r}, seed {args.seed})")
-    print(f"{'agent':<8} {'accuracy':>8} {'valid box':>9} {'fallback':>8} {'mean IoU':>8}")
-    for name, m in results.items():
-        cells = [f"{m[f'eval/{key}']:.2f}" if f"eval/{key}" in m else "-"
-                 for key in ("accuracy", "valid_box_ratio", "fallback_ratio", "iou")]
-        print(f"{name:<8} {cells[0]:>8} {cells[1]:>9} {cells[2]:>8} {cells[3]:>8}")
-    print(f"metrics and rendered episodes under {args.out}/")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``zoomgym`` argument parser (``tiny-model`` forwards its arguments)."""
     parser = argparse.ArgumentParser(prog="zoomgym", description="Teach multimodal models to look closer.")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices  # type: ignore[attr-defined]  (each command's own parser, filled below, for main)
 
     train = sub.add_parser("train", help="train with a YAML config and dotted overrides")
     train.add_argument("items", nargs="*", metavar="CONFIG | key.sub=value",
@@ -229,36 +206,55 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build (or reuse) the toy base and train configs/quickstart.yaml from it")
     demo.add_argument("items", nargs="*", metavar="key.sub=value", help="overrides of the quickstart config")
 
-    evaluate = sub.add_parser("eval", help="eval CONFIG [overrides]: greedy validation of model.path on data.val; "
-                                           "eval --agent oracle random: scripted agents on synthetic questions")
-    evaluate.add_argument("items", nargs="*", metavar="CONFIG | key.sub=value",
-                          help="a YAML config (its model, env and data.val), then overrides")
-    evaluate.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                          help="import a module first (e.g. one that registers your algorithm or backend)")
-    scripted = evaluate.add_argument_group("scripted agents (instead of CONFIG)")
-    scripted.add_argument("--agent", nargs="+", choices=["oracle", "random"], help="scripted agents to evaluate")
-    scripted.add_argument("--env", default=DEFAULT_ENV_ID, help=f"env id (default {DEFAULT_ENV_ID})")
-    scripted.add_argument("--n", type=int, default=50, help="synthetic samples (default 50)")
-    scripted.add_argument("--seed", type=int, default=0, help="samples, env resets and the random agent")
-    scripted.add_argument("--preset", default="default", help="synthetic preset (its view budget is used)")
-    scripted.add_argument("--render", type=int, default=4, help="episodes rendered as PNG per agent")
-    scripted.add_argument("--out", default="runs/scripted", help="where metrics.json and the PNGs go")
+    evaluate = sub.add_parser("eval", help="evaluate a model (or a scripted agent) on a benchmark with a stated "
+                                           "protocol: resumable, counterfactual zoom analysis, HTML report; --compare")
+    add_eval_arguments(evaluate)
     sub.add_parser("tiny-model", help="build the offline tiny Qwen2.5-VL (see `zoomgym tiny-model --help`)",
                    add_help=False)
     return parser
 
 
+def configure_process() -> None:
+    """Process-wide settings of a ``zoomgym`` command (library callers keep their own).
+
+    torch's CPU threads: ``OMP_NUM_THREADS`` when set, else one less than the CPUs this process may run
+    on, at least one. torch's default, a thread per core, gained nothing on the 2-core development
+    machine while the other core was busy: the demo took 88 s wall and 125 s CPU with 2 threads, 84 s
+    and 80 s with 1.
+
+    transformers' progress bars (loading weights and the like) are turned off: the command prints its own
+    (a checkpoint's shards are written without one in any case, `algorithms.checkpoint`).
+    """
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), cpus - 1)))
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``zoomgym`` console script."""
+    command_line = argv is None  # this process is the command (console script, python -m), not a caller
     argv = list(sys.argv[1:] if argv is None else argv)
     # Forwarded commands keep their own parsers (and --help).
     if argv and argv[0] == "tiny-model":
         return _tiny_model(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    commands = parser.commands  # type: ignore[attr-defined]
+    if argv and argv[0] in commands:
+        # A subcommand's own parser, intermixed: overrides may follow options (`--import m a.b=1`).
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+    else:
+        args = parser.parse_args(argv)
+    if command_line:
+        configure_process()
     if args.command == "demo":
         return _demo(args)
     if args.command == "eval":
-        return _eval(args)
+        return eval_command(args)
     if args.command == "toy-base":
         return _toy_base(args)
     return _train(args)

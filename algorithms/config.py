@@ -21,6 +21,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
+import os
 import re
 import textwrap
 import types
@@ -58,13 +60,28 @@ class LoraConfig:
 
 
 @dataclass
+class ModelBuildConfig:
+    """A model built offline into a cache folder on first use (the quickstart's tiny model).
+
+    It is built only when ``model.path`` names that very folder and it does not exist yet: a
+    ``model.path`` naming anything else (a checkpoint, a typo) is loaded or refused, never built over."""
+
+    builder: str | None = None
+    """A name in agents.models.MODEL_BUILDERS ("tiny": the offline tiny Qwen2.5-VL); null builds nothing."""
+    into: str | None = None
+    """The cache folder the builder writes (e.g. .cache/tiny-qwen-1m); model.path must name it to use it."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the builder (tiny: size "1m", "10m" or "50m"; seed)."""
+
+
+@dataclass
 class ModelConfig:
     """The policy: a Qwen2.5-VL-family checkpoint."""
 
     path: str = "Qwen/Qwen2.5-VL-7B-Instruct"
     """Local folder (saved with save_pretrained) or a hub id such as "Qwen/Qwen2.5-VL-7B-Instruct"."""
-    build_tiny: str | None = None
-    """If set ("1m", "10m" or "50m") and `path` does not exist yet, build the offline tiny model there."""
+    build: ModelBuildConfig = field(default_factory=ModelBuildConfig)
+    """Build an offline model into a cache folder first (only where model.path names build.into)."""
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     """Parameter and compute dtype of the trained model (fp32 on CPU for exact log-probs)."""
     min_pixels: int | None = None
@@ -229,7 +246,7 @@ class TrainerConfig:
     adam_eps: float = 1e-8
     """AdamW epsilon."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this value before each optimizer step."""
+    """Clip the global gradient norm to this value before each optimizer step; 0 does not clip."""
     seed: int = 0
     """Seeds prompt order, rollouts and every other random draw (re-seeded per step: exact resume)."""
     device: str = "auto"
@@ -359,7 +376,18 @@ class Config:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-6`` as a string (its float needs a dot); accept scientific notation as float."""
+    """Safe YAML, and two changes: scientific notation is a float (YAML 1.1 reads ``1e-6`` as a string:
+    its float needs a dot), and aliases (``*name``) are refused: a few hundred bytes of nested aliases
+    expand to gigabytes when the resolved config is written out, and a config never needs one."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} (write each value out: nested aliases expand to gigabytes)",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
@@ -459,15 +487,18 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge mappings; lists and scalars in `update` replace those in `base`."""
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+def _set(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A copy of nested `values` with the key `dotted` set to `value`, replacing what was there (so
+    ``env.options={}`` clears the options and ``data.train={name: jsonl, path: f}`` drops the file's
+    synthetic options)."""
+    head, _, rest = dotted.partition(".")
+    out = dict(values)
+    if not rest:
+        out[head] = value
+    else:
+        below = out.get(head)
+        out[head] = _set(below if isinstance(below, dict) else {}, rest, value)
+    return out
 
 
 def _field_type(dotted: str) -> Any:
@@ -508,18 +539,21 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     tp = _field_type(key)
     stringy = tp is str or (_is_union(tp) and str in typing.get_args(tp) and raw.strip() not in ("null", "~"))
-    value = raw if stringy else yaml.load(raw, Loader=_Loader)
-    return key, value
+    if stringy:
+        return key, raw
+    try:
+        return key, yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ValueError(
+            f"override {text!r}: expects a YAML value without aliases after '=', actual: {_yaml_problem(error)}"
+        ) from None
 
 
-def _nest(dotted: str, value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    node = out
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (line and column, 1-based)."""
+    problem = getattr(error, "problem", None) or str(error)
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -549,8 +583,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Expects an existing config file, actual: {str(path)!r} does not exist")
-    with path.open() as f:
-        data = yaml.load(f, Loader=_Loader)
+    try:
+        with path.open() as f:
+            data = yaml.load(f, Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ValueError(
+            f"config file {str(path)!r}: expects valid YAML without aliases, actual: {_yaml_problem(error)}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -572,14 +611,18 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     from_dict(values)  # report errors against the file before the overrides mix in
     for text in overrides:
         key, value = parse_override(text)
-        values = _merge(values, _nest(key, value))
+        values = _set(values, key, value)
     return from_dict(values)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (readable back with `load_config`)."""
-    with Path(path).open("w") as f:
+    """Write the resolved config as YAML (readable back with `load_config`), atomically: a kill mid-write
+    leaves the previous file, never half of one that ``--resume`` could not read."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False, default_flow_style=None, width=110)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -598,6 +641,30 @@ def validate(cfg: Config) -> None:
     Raises:
         ValueError naming the key and what it expects.
     """
+    _check_finite(cfg)
+    _validate_ranges(cfg)
+    _validate_device(cfg.trainer.device)
+    _validate_lora(cfg)
+    _validate_names(cfg)
+    _validate_env_options(cfg)
+    _validate_view_budget(cfg.model)
+    _validate_model_path(cfg.model)
+    _validate_datasets(cfg.data)
+
+
+def _validate_view_budget(model: ModelConfig) -> None:
+    for key in ("min_pixels", "max_pixels"):
+        value = getattr(model, key)
+        if value is not None and value <= 0:
+            raise ValueError(f"config key 'model.{key}': expects a positive value or null, actual: {value}")
+    if None not in (model.min_pixels, model.max_pixels) and model.min_pixels > model.max_pixels:
+        raise ValueError(
+            f"config keys 'model.min_pixels' <= 'model.max_pixels': expects min <= max, actual: "
+            f"{model.min_pixels} > {model.max_pixels}"
+        )
+
+
+def _validate_ranges(cfg: Config) -> None:
     t, r, a = cfg.trainer, cfg.rollout, cfg.algorithm
     positive = {
         "trainer.steps": t.steps,
@@ -611,6 +678,7 @@ def validate(cfg: Config) -> None:
         "warmup.steps": cfg.warmup.steps,
         "warmup.batch_size": cfg.warmup.batch_size,
         "warmup.box_grid": cfg.warmup.box_grid,
+        "trainer.adam_eps": t.adam_eps,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -622,10 +690,10 @@ def validate(cfg: Config) -> None:
         "trainer.val_every": t.val_every,
         "trainer.save_every": t.save_every,
         "trainer.keep_checkpoints": t.keep_checkpoints,
+        "trainer.weight_decay": t.weight_decay,
         "trainer.grad_clip": t.grad_clip,
         "algorithm.kl_coef": a.kl_coef,
         "algorithm.entropy_coef": a.entropy_coef,
-        "algorithm.clip_low": a.clip_low,
         "algorithm.clip_high": a.clip_high,
         "rollout.temperature": r.temperature,
         "logging.render_every": cfg.logging.render_every,
@@ -638,19 +706,17 @@ def validate(cfg: Config) -> None:
             "config keys 'trainer.prompts_per_step' and 'trainer.mini_batch_prompts': expects the first to be a "
             f"multiple of the second, actual: {t.prompts_per_step} and {t.mini_batch_prompts}"
         )
-    if not 0 < cfg.warmup.box_side <= 1:
-        raise ValueError(f"config key 'warmup.box_side': expects a fraction in (0, 1], actual: {cfg.warmup.box_side}")
-    if not 0 < r.top_p <= 1:
-        raise ValueError(f"config key 'rollout.top_p': expects a value in (0, 1], actual: {r.top_p}")
-    for key in ("min_pixels", "max_pixels"):
-        value = getattr(cfg.model, key)
-        if value is not None and value <= 0:
-            raise ValueError(f"config key 'model.{key}': expects a positive value or null, actual: {value}")
-    if None not in (cfg.model.min_pixels, cfg.model.max_pixels) and cfg.model.min_pixels > cfg.model.max_pixels:
-        raise ValueError(
-            f"config keys 'model.min_pixels' <= 'model.max_pixels': expects min <= max, actual: "
-            f"{cfg.model.min_pixels} > {cfg.model.max_pixels}"
-        )
+    fractions = {
+        "algorithm.clip_low": (a.clip_low, "[0, 1)"),  # the ratio's lower bound 1 - clip_low stays positive
+        "trainer.adam_betas[0]": (t.adam_betas[0], "[0, 1)"),
+        "trainer.adam_betas[1]": (t.adam_betas[1], "[0, 1)"),
+        "model.lora.dropout": (cfg.model.lora.dropout, "[0, 1)"),
+        "warmup.box_side": (cfg.warmup.box_side, "(0, 1]"),
+        "rollout.top_p": (r.top_p, "(0, 1]"),
+    }
+    for key, (value, interval) in fractions.items():
+        if not (0 <= value < 1 if interval == "[0, 1)" else 0 < value <= 1):
+            raise ValueError(f"config key {key!r}: expects a value in {interval}, actual: {value}")
     if a.tis_cap is not None and a.tis_cap < 1:
         raise ValueError(f"config key 'algorithm.tis_cap': expects a cap >= 1 or null, actual: {a.tis_cap}")
     if a.clip_ratio_c is not None and a.clip_ratio_c <= 1:
@@ -659,10 +725,39 @@ def validate(cfg: Config) -> None:
         raise ValueError(
             "config key 'rollout.group_size': expects >= 2 (a group std needs two rollouts), actual: 1"
         )
-    _validate_lora(cfg)
-    _validate_names(cfg)
-    _validate_model_path(cfg.model)
-    _validate_datasets(cfg.data)
+
+
+def _check_finite(cfg: Any, prefix: str = "") -> None:
+    """No NaN or infinity in any float of the config (where a number is optional, null switches it off)."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        for i, v in enumerate(values):
+            if isinstance(v, float) and not math.isfinite(v):
+                where = f"{key}[{i}]" if isinstance(value, tuple) else key
+                raise ValueError(f"config key {where!r}: expects a finite number, actual: {v}")
+
+
+def _validate_device(device: str) -> None:
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"config key 'trainer.device': expects 'auto', 'cpu', 'cuda' or 'cuda:<index>', actual: {device!r}")
+    if not torch.cuda.is_available():
+        why = "was built without CUDA" if torch.version.cuda is None else "sees no CUDA device"
+        raise ValueError(
+            f"config key 'trainer.device': expects a device this torch can use, actual: {device!r}, but torch "
+            f"{torch.__version__} {why} (use trainer.device=cpu or auto)"
+        )
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"config key 'trainer.device': expects a visible CUDA device (0..{torch.cuda.device_count() - 1}), "
+                         f"actual: {device!r}")
 
 
 def _validate_lora(cfg: Config) -> None:
@@ -716,13 +811,65 @@ def _check_name(key: str, value: str, registry: Mapping[str, Any]) -> None:
         raise ValueError(f"config key {key!r}: expects one of {names}, actual: {value!r}.{suggest(value, names)}")
 
 
-def _validate_model_path(model: ModelConfig) -> None:
-    from zoomgym.agents.models.tiny import TINY_SIZES
+def builds_model(model: ModelConfig) -> bool:
+    """Whether ``model.path`` names the folder ``model.build`` makes (the one place a model is built)."""
+    build = model.build
+    return (build.builder is not None and build.into is not None
+            and Path(build.into).expanduser().resolve() == Path(model.path).expanduser().resolve())
 
-    if model.build_tiny is not None and model.build_tiny not in TINY_SIZES:
+
+def _check_arguments(key: str, fn: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """``fn(*args, **kwargs)`` would bind: every keyword is a parameter of `fn`, none required is missing."""
+    signature = inspect.signature(fn)
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as error:
+        names = [name for name, p in signature.parameters.items()
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][len(args):]
+        unknown = sorted(set(kwargs) - set(names))
         raise ValueError(
-            f"config key 'model.build_tiny': expects one of {list(TINY_SIZES)} or null, actual: {model.build_tiny!r}"
-        )
+            f"config key {key!r}: expects options among {names} ({getattr(fn, '__qualname__', fn)}), actual: "
+            f"{error}.{suggest(unknown[0], names) if unknown else ''}"
+        ) from None
+
+
+def _validate_env_options(cfg: Config) -> None:
+    """``env.options`` (and ``env.max_turns``) against the env's constructor, then by building one env:
+    an error names the option, never the dataset (Gymnasium's own message prints every argument)."""
+    import gymnasium
+    from PIL import Image
+    from zoomgym.algorithms.build import env_id_of, env_kwargs
+    from zoomgym.envs.data import Sample
+
+    from zoomgym import envs  # noqa: F401 - registers the zoomgym ids
+
+    env_id, options = env_id_of(cfg), env_kwargs(cfg)
+    key = "env.options"
+    if "dataset" in options:
+        raise ValueError(f"config key {key!r}: expects no 'dataset' (each episode's env gets its sample), actual: one")
+    spec = gymnasium.spec(env_id)
+    creator = spec.entry_point
+    if isinstance(creator, str):
+        creator = gymnasium.envs.registration.load_env_creator(creator)
+    own = {k: v for k, v in options.items() if k not in ("max_episode_steps", "disable_env_checker")}  # make()'s
+    _check_arguments(key, creator, (), {**spec.kwargs, **own, "dataset": []})
+    stand_in = Sample("config-check", Image.new("RGB", (28, 28)), "?", ("a", "b"), "A")
+    try:
+        gymnasium.make(env_id, dataset=[stand_in], **options).close()
+    except (TypeError, ValueError) as error:
+        cause = error.__cause__ if isinstance(error.__cause__, (TypeError, ValueError)) else error
+        raise ValueError(f"config key {key!r}: expects options {env_id} accepts, actual: {cause}") from None
+
+
+def _validate_model_path(model: ModelConfig) -> None:
+    build = model.build
+    if build.builder is not None:
+        from zoomgym.agents.models import MODEL_BUILDERS
+
+        _check_name("model.build.builder", build.builder, MODEL_BUILDERS)
+        if build.into is None:
+            raise ValueError("config key 'model.build.into': expects the cache folder to build into, actual: null")
+        _check_arguments("model.build.options", MODEL_BUILDERS[build.builder], (build.into,), build.options)
     path = Path(model.path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -730,17 +877,21 @@ def _validate_model_path(model: ModelConfig) -> None:
                 f"config key 'model.path': expects a model folder holding config.json, actual: {str(path)!r} has none"
             )
         return
-    if model.build_tiny is not None:
+    if builds_model(model):
         return  # built on first use
-    if _HUB_ID.match(model.path) and not model.path.startswith("."):
+    looks_local = model.path.startswith(".") or Path(Path(model.path).parts[0]).exists()  # "runs/step_1": a folder
+    if _HUB_ID.match(model.path) and not looks_local:
         return  # a hub id: transformers resolves it (from the local cache when offline)
+    hint = (f" (model.build builds {build.into!r} only; model.path={build.into} uses it)" if build.builder
+            else "")
     raise ValueError(
         f"config key 'model.path': expects an existing model folder or a hub id 'org/name', actual: "
-        f"{model.path!r} does not exist (set model.build_tiny=1m to build the offline tiny model there)"
+        f"{model.path!r} does not exist{hint}"
     )
 
 
 def _validate_datasets(data: DataConfig) -> None:
+    from zoomgym.algorithms.build import loader_arguments
     from zoomgym.envs.data import DATASETS
 
     specs = [("data.train", data.train)] + [(f"data.val[{i}]", d) for i, d in enumerate(data.val)]
@@ -754,6 +905,7 @@ def _validate_datasets(data: DataConfig) -> None:
             raise ValueError(f"config key '{key}.path': expects an existing file or folder, actual: {spec.path!r} does not exist")
         if spec.limit is not None and spec.limit <= 0:
             raise ValueError(f"config key '{key}.limit': expects a positive number or null, actual: {spec.limit}")
+        _check_arguments(f"{key}.options", DATASETS[spec.name], (), loader_arguments(spec))
 
 
 def validate_sft(cfg: Config) -> None:
@@ -800,11 +952,18 @@ def check_run_dir(cfg: Config, resume: bool) -> None:
             raise ValueError("config key 'logging.run_dir': expects the run directory to resume, actual: null")
         return
     run_dir = Path(cfg.logging.run_dir)
+    existing = next(folder for folder in (run_dir, *run_dir.parents) if folder.exists())
+    if not existing.is_dir():
+        raise ValueError(
+            f"config key 'logging.run_dir': expects a folder (or a path where one can be made), actual: "
+            f"{str(existing)!r} is a file"
+        )
     holds_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
     if holds_run and not resume:
         raise ValueError(
             f"config key 'logging.run_dir': expects a new or empty folder, actual: {str(run_dir)!r} holds a run "
-            "(continue it with --resume, or choose another logging.run_dir)"
+            "(continue it with --resume: from its newest checkpoint, or from step 0 if it has none; or choose "
+            "another logging.run_dir)"
         )
 
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from zoomgym.algorithms import core, ppo
-from zoomgym.algorithms.build import sampling_params
+from zoomgym.algorithms.build import Datasets, sampling_params
 from zoomgym.algorithms.config import Config
 from zoomgym.algorithms.seeds import derive_seed
 from zoomgym.algorithms.trainer import Trainer
@@ -73,6 +73,7 @@ class GRPO(Trainer):
         agent: an ``agents.LMMAgent``.
         config: the run config (``algorithms.config.Config``).
         env_id: default ``config.env.id``, else ``zoomgym/DirectVQA-v0``.
+        datasets: the config's samples when loaded already (`algorithms.trainer.Trainer`).
 
     Attributes:
         reference_model: the frozen initial policy of the KL loss; None when ``kl_coef`` is 0 or with
@@ -84,8 +85,9 @@ class GRPO(Trainer):
 
     default_env_id = "zoomgym/DirectVQA-v0"
 
-    def __init__(self, agent: Any, config: Config, env_id: str | None = None) -> None:
-        super().__init__(agent, config, env_id)
+    def __init__(self, agent: Any, config: Config, env_id: str | None = None, *,
+                 datasets: Datasets | None = None) -> None:
+        super().__init__(agent, config, env_id, datasets=datasets)
         # The sampling temperature: training log-probs are the backend's definition at the same T.
         self.logprob_temperature = sampling_params(config, greedy=False, seed=0).logprob_temperature
         self.reference_model = self._make_reference()

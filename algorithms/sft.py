@@ -44,6 +44,7 @@ import torch
 from zoomgym.agents.backends.base import GenerationRequest, SamplingParams, decode_text
 from zoomgym.agents.scoring import token_logprobs
 from zoomgym.agents.trajectory import Trajectory
+from zoomgym.algorithms.build import Datasets
 from zoomgym.algorithms.checkpoint import load_trainer_state
 from zoomgym.algorithms.config import ChatSetConfig, Config
 from zoomgym.algorithms.seeds import derive_seed
@@ -198,7 +199,12 @@ class SFT(Trainer):
         if s.aux_weight > 0 and self.token_heads is None:
             raise ValueError("config key 'sft.aux_weight': expects chats with token labels (a task that writes them, "
                              "e.g. toy_grounding), actual: the training sets have none")
-        super().__init__(agent, config, env_id)
+        labels = [set_label(spec) for spec in s.val]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"config key 'sft.val': expects distinct labels, actual: {labels}")
+        val = {label: load_chat_set(spec, self.view_budget) for label, spec in zip(labels, s.val)}
+        # No samples: SFT trains on `train_chats`; its validation sets are chats.
+        super().__init__(agent, config, env_id, datasets=Datasets([], val))
         self._captured: dict[str, torch.Tensor] = {}
         layers = decoder_layers(self.model)
         if s.aux_weight > 0:
@@ -207,13 +213,6 @@ class SFT(Trainer):
             layers[-1].self_attn.register_forward_hook(self._capture("attention", index=1))
 
     # -- data ------------------------------------------------------------------------------------------
-
-    def load_data(self) -> tuple[list[Any], dict[str, list[Any]]]:
-        """No samples: SFT trains on ``self.train_chats``; its validation sets are chats."""
-        labels = [set_label(spec) for spec in self.cfg.sft.val]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"config key 'sft.val': expects distinct labels, actual: {labels}")
-        return [], {label: load_chat_set(spec, self.view_budget) for label, spec in zip(labels, self.cfg.sft.val)}
 
     def _label_classes(self, specs: Sequence[ChatSetConfig]) -> dict[str, int]:
         from zoomgym.envs.data.chats import TOKEN_LABEL_CLASSES

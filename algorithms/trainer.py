@@ -9,10 +9,16 @@ takes more than one optimizer step per step, ``updates_per_step``::
     algo.learn(10)                                            # 10 steps; returns algo
 
 ``learn`` validates greedily before the first step (``trainer.val_before_train``), every
-``trainer.val_every`` steps and after the last, logs every step to ``RUN_DIR/metrics.jsonl`` and
-TensorBoard, renders a few trajectories every ``logging.render_every`` steps, and checkpoints every
-``trainer.save_every`` steps and after the last. The run directory is created (and the resolved config
-written into it) on the first log, not when the trainer is built.
+``trainer.val_every`` steps and after the last (writing the first ``logging.render_count`` episodes of
+each set in words to TensorBoard and ``RUN_DIR/samples.jsonl``), logs every step to
+``RUN_DIR/metrics.jsonl`` and TensorBoard, renders trajectories of distinct samples every
+``logging.render_every`` steps, and checkpoints every ``trainer.save_every`` steps and after the last.
+The run directory is created (and the resolved config written into it) on the first log, not when the
+trainer is built.
+
+A sample whose image fails to decode during a rollout (`envs.data.ImageLoadError`) is skipped with its
+whole group, counted (``train/skipped_samples``, ``val/<set>/skipped_samples``) and named on stderr
+once (`UnreadableImages`); the run goes on, and a resumed run skips it the same way.
 
 Determinism: every random draw of step ``s`` (prompt order, sampling, mini-batch shuffling) comes from
 seeds derived from ``(trainer.seed, s)`` (`algorithms.seeds`), and a checkpoint holds optimizer,
@@ -23,6 +29,7 @@ weights on CPU.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -30,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
-from zoomgym.algorithms.build import env_factory, env_id_of, load_samples, load_val_sets, sampling_params
+from zoomgym.algorithms.build import Datasets, env_factory, env_id_of, load_datasets, sampling_params
 from zoomgym.algorithms.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from zoomgym.algorithms.config import RUN_CONFIG_FILE, Config, LoraConfig, ModelConfig, save_config
 from zoomgym.algorithms.logging import RunLogger
@@ -39,7 +46,7 @@ from zoomgym.envs import DEFAULT_ENV_ID
 
 if TYPE_CHECKING:
     from zoomgym.agents.trajectory import Trajectory
-    from zoomgym.envs.data import Sample
+    from zoomgym.envs.data import ImageLoadError, Sample
 
 SelfTrainer = TypeVar("SelfTrainer", bound="Trainer")
 
@@ -85,6 +92,24 @@ def _inject_lora(model: torch.nn.Module, lora_cfg: LoraConfig) -> Any:
     return peft.get_peft_model(model, lora)
 
 
+class UnreadableImages:
+    """The rollout engine's ``on_image_error``: counts the samples skipped because their image failed to
+    decode (``count``, reset by the caller) and names each one on stderr the first time only."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.named: set[str] = set()
+
+    def __call__(self, error: ImageLoadError) -> None:
+        self.count += 1
+        if error.sample_id not in self.named:
+            from tqdm.auto import tqdm
+
+            self.named.add(error.sample_id)
+            tqdm.write(f"zoomgym: skipping sample {error.sample_id!r} and its group, its image failed to decode "
+                       f"(named once, counted in */skipped_samples): {error}", file=sys.stderr)
+
+
 def progress_bar(total: int, *, enabled: bool, initial_step: int) -> Any:
     """The tqdm bar over a run's steps."""
     from tqdm.auto import tqdm
@@ -100,13 +125,19 @@ class Trainer:
         config: the whole run config (``algorithms.config.Config``).
         env_id: the Gymnasium id episodes run in; default ``config.env.id``, else the trainer's
             ``default_env_id``.
+        datasets: the config's training and validation samples, when loaded already (`zoomgym train`
+            loads them before the model); default `algorithms.build.load_datasets`.
 
     Attributes:
         step: steps completed (also the weight version the backend samples with).
         run_dir: where config, metrics, TensorBoard events and checkpoints go (created on the first log).
         model: the module the optimizer trains (the agent's model, LoRA adapters injected if configured).
         peft_model: the peft wrapper of ``model`` with LoRA, else None.
-        first_validation, last_validation: validation metrics before the first and after the latest step.
+        first_validation, last_validation: validation metrics before the first step (empty unless it
+            ran: ``trainer.val_before_train``) and after the latest step.
+        log_from_step: set when this process continues an interrupted run: the first step it logs (what
+            the interrupted run logged from there on is superseded, `algorithms.logging`).
+        unreadable: the samples skipped for an image that failed to decode (`UnreadableImages`).
     """
 
     default_env_id: ClassVar[str] = DEFAULT_ENV_ID
@@ -115,7 +146,8 @@ class Trainer:
     progress_metrics: ClassVar[dict[str, str]] = {"reward": "train/reward", "loss": "actor/loss"}
     """Shown on the progress bar: label -> metric key."""
 
-    def __init__(self, agent: Any, config: Config, env_id: str | None = None) -> None:
+    def __init__(self, agent: Any, config: Config, env_id: str | None = None, *,
+                 datasets: Datasets | None = None) -> None:
         self.agent = agent
         self.cfg = config
         self.env_id = env_id or env_id_of(config, type(self))
@@ -126,10 +158,13 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._validated_step: int | None = None
         self._logger: RunLogger | None = None
+        self.log_from_step: int | None = None
+        self.unreadable = UnreadableImages()
         self.env_seconds = 0.0  # time spent inside env reset/step, accumulated by the envs of `env_fn`
 
-        self.train_samples, self.val_sets = self.load_data()
-        self.run_dir = Path(config.logging.run_dir or f"runs/{config.name}-{datetime.now():%Y%m%d-%H%M%S}")
+        datasets = datasets if datasets is not None else load_datasets(config)
+        self.train_samples, self.val_sets = datasets.train, datasets.val
+        self.run_dir = Path(config.logging.run_dir or default_run_dir(config))
 
         self.model = agent.model
         self.peft_model = prepare_model(self.model, config.model)
@@ -141,13 +176,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     # -- what a trainer implements ------------------------------------------------------------------------
-
-    def load_data(self) -> tuple[list[Sample], dict[str, list[Any]]]:
-        """``(training samples, validation set name -> items)``; RL: ``data.train`` and ``data.val``."""
-        samples = load_samples(self.cfg.data.train)
-        if not samples:
-            raise ValueError(f"Expects a non-empty training set, actual: none from {self.cfg.data.train}")
-        return samples, load_val_sets(self.cfg.data.val)
 
     def extra_parameters(self) -> list[torch.nn.Parameter]:
         """Trained parameters outside the model (e.g. SFT's training-only heads); none by default."""
@@ -183,9 +211,8 @@ class Trainer:
         if self._logger is None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / RUN_CONFIG_FILE)
-            self._logger = RunLogger(
-                self.run_dir, tensorboard=self.cfg.logging.tensorboard, resume_step=self.step if self.step else None
-            )
+            self._logger = RunLogger(self.run_dir, tensorboard=self.cfg.logging.tensorboard,
+                                     purge_step=self.log_from_step)
         return self._logger
 
     # -- the loop -------------------------------------------------------------------------------------------
@@ -203,15 +230,17 @@ class Trainer:
         for _ in range(num_steps):
             seed_everything(derive_seed(t.seed, self.step, 0))
             lr = self.scheduler.get_last_lr()[0]  # the rate of this step's first optimizer step
+            self.unreadable.count = 0
             metrics, trajectories = self.train_step()
             self.step += 1
             metrics["train/weight_version"] = float(self.step)
             metrics["train/lr"] = lr
+            metrics["train/skipped_samples"] = float(self.unreadable.count)
             logger.log(self.step, metrics)
             bar.update(1)
             bar.set_postfix({label: f"{metrics.get(key, float('nan')):.4f}" for label, key in self.progress_metrics.items()})
             if self.renders_episodes and log.render_every and self.step % log.render_every == 0:
-                self.render(trajectories[: log.render_count])
+                self.render(distinct_samples(trajectories, log.render_count))
             if self.val_sets and (self.step == last or (t.val_every and self.step % t.val_every == 0)):
                 self.validate()
             if self.step == last or (t.save_every and self.step % t.save_every == 0):
@@ -238,22 +267,32 @@ class Trainer:
         with torch.no_grad():
             return self.agent.rollout(
                 samples, group_size, env=self.env_fn, sampling=sampling_params(self.cfg, greedy=greedy, seed=seed),
-                context_budget=self.cfg.rollout.max_context_tokens,
+                context_budget=self.cfg.rollout.max_context_tokens, on_image_error=self.unreadable,
             )
 
     def validate(self) -> dict[str, float]:
-        """Greedy episodes on every validation set; logs ``val/<set>/...`` at the current step."""
+        """Greedy episodes on every validation set; logs ``val/<set>/...`` at the current step, and the
+        first ``logging.render_count`` episodes of each set in words (`algorithms.logging.RunLogger.log_samples`)."""
         from zoomgym.agents.metrics import episode_metrics
+        from zoomgym.envs.render import episode_text
 
         metrics: dict[str, float] = {}
         start = time.perf_counter()
         for name, samples in self.val_sets.items():
+            self.unreadable.count = 0
             trajectories = self.rollout(samples, 1, greedy=True, seed=validation_seed(self.cfg))
             metrics.update(episode_metrics(trajectories, f"val/{name}"))
+            metrics[f"val/{name}/skipped_samples"] = float(self.unreadable.count)
+            by_id = {sample.id: sample for sample in samples}
+            records = [{"sample_id": t.sample_id, "reward": t.reward, "answer": t.infos[-1].get("answer"),
+                        "truth": by_id[t.sample_id].answer, "turns": list(t.actions),
+                        "text": episode_text(by_id[t.sample_id], t.actions, t.infos, t.reward)}
+                       for t in trajectories[: self.cfg.logging.render_count]]
+            self.logger.log_samples(self.step, f"val/{name}/samples", records)
         metrics["time/validation_s"] = time.perf_counter() - start
         self.logger.log(self.step, metrics)
-        if self.step == 0 or not self.first_validation:
-            self.first_validation = metrics
+        if self.step == 0:
+            self.first_validation = metrics  # "before training": only a validation of the initial model
         self.last_validation = metrics
         self._validated_step = self.step
         return metrics
@@ -314,7 +353,24 @@ class Trainer:
         self.prompts_drawn = int(state["prompts_drawn"])
         self.last_checkpoint = checkpoint
         self._validated_step = self.step  # the interrupted run validated here already if it was due
+        self.log_from_step = self.step + 1
         self.agent.sync_weights(self.step)
+
+
+def default_run_dir(cfg: Config) -> str:
+    """``runs/<algorithm>-<name>-<YYYYmmdd-HHMMSS>``, e.g. ``runs/mgpo-quickstart-20260101-120000``."""
+    return f"runs/{cfg.algorithm.name}-{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def distinct_samples(trajectories: Sequence[Trajectory], count: int) -> list[Trajectory]:
+    """The first trajectory of each of the first `count` samples (a group's rollouts share one image)."""
+    seen: set[str] = set()
+    picked = []
+    for trajectory in trajectories:
+        if trajectory.sample_id not in seen and len(picked) < count:
+            seen.add(trajectory.sample_id)
+            picked.append(trajectory)
+    return picked
 
 
 class _TimedEnv:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from zoomgym.agents.backends.base import SamplingParams
 from zoomgym.agents.backends.scripted import ScriptedBackend
-from zoomgym.agents.rollout import run_rollouts
+from zoomgym.agents.rollout import ImageErrorHandler, run_rollouts
 
 if TYPE_CHECKING:
     from zoomgym.agents.trajectory import Trajectory
@@ -43,13 +43,14 @@ if TYPE_CHECKING:
 
 
 def scripted_episodes(agent: Any, samples: Sequence[Any], env_fn: Callable[[Any], Any], seed: int,
-                      backend: ScriptedBackend) -> list[Trajectory]:
+                      backend: ScriptedBackend, on_image_error: ImageErrorHandler | None = None) -> list[Trajectory]:
     """One scripted episode per sample, token-exact as the RL rollouts (same engine, same env)."""
-    return run_rollouts(backend, agent.adapter, samples, 1, env_fn, SamplingParams(seed=seed, max_new_tokens=256))
+    return run_rollouts(backend, agent.adapter, samples, 1, env_fn, SamplingParams(seed=seed, max_new_tokens=256),
+                        on_image_error=on_image_error)
 
 
 def format_warmup(agent: Any, samples: Sequence[Any], env_fn: Callable[[Any], Any], config: WarmupConfig,
-                  seed: int = 0) -> dict[str, float]:
+                  seed: int = 0, on_image_error: ImageErrorHandler | None = None) -> dict[str, float]:
     """Teacher-force ``agent.model`` on scripted format-only episodes (module docstring); in place.
 
     Args:
@@ -58,6 +59,8 @@ def format_warmup(agent: Any, samples: Sequence[Any], env_fn: Callable[[Any], An
         env_fn: ``sample -> env`` with the agent's view budget and coordinate frame (the trainer's).
         config: the ``warmup`` section of the run config.
         seed: seeds the draws of samples and of the scripted boxes and letters.
+        on_image_error: skip samples whose image fails to decode (`agents.rollout`); a step that drew only
+            such samples trains on nothing.
 
     Returns:
         ``warmup/loss_first``, ``warmup/loss_last`` (mean token NLL of the first and last step),
@@ -74,7 +77,9 @@ def format_warmup(agent: Any, samples: Sequence[Any], env_fn: Callable[[Any], An
     model.train()
     for step in range(config.steps):
         picked = [samples[int(i)] for i in rng.integers(len(samples), size=config.batch_size)]
-        trajectories = scripted_episodes(agent, picked, env_fn, int(rng.integers(2**31)), backend)
+        trajectories = scripted_episodes(agent, picked, env_fn, int(rng.integers(2**31)), backend, on_image_error)
+        if not trajectories:
+            continue
         batch = agent.collate(trajectories)
         logp, _ = agent.token_logprobs(batch)
         mask = batch["loss_mask"].to(logp.device).float()

@@ -14,7 +14,7 @@ from zoomgym.envs.data import Sample, image_size, load_image, load_view_source
 from zoomgym.envs.data.synthetic import check_view_budget
 from zoomgym.envs.geometry import Box, clamp_box, get_frame
 from zoomgym.envs.prompts import PromptTemplates
-from zoomgym.envs.render import render_episode
+from zoomgym.envs.render import episode_text, render_episode
 from zoomgym.envs.rewards import answer_reward, match_answer
 from zoomgym.envs.spaces import ActionText, Chat, ChatSpace, Message, Part
 from zoomgym.envs.views import RESAMPLING, ViewBudget, ViewInfo, make_view
@@ -230,7 +230,9 @@ class ZoomEnv(gym.Env[Chat, str]):
         else:
             text = self.prompts.render("direct", question=question, choices=choices)
         self._messages: Chat = [_message("system", _text(system)), _message("user", _image(image, view), _text(text))]
-        return self._observation(), self._info()
+        info = self._info()
+        self._story: tuple[list[str], list[dict], float] = ([], [info], 0.0)  # actions, infos, reward: render()'s text
+        return self._observation(), info
 
     def step(self, action: str) -> tuple[Chat, float, bool, bool, dict]:
         if self._done or self._sample is None:
@@ -269,18 +271,22 @@ class ZoomEnv(gym.Env[Chat, str]):
             action=action_kind,
             turn_limit_reached=truncated,
         )
+        actions, infos, _ = self._story
+        self._story = ([*actions, action], [*infos, info], reward)
         return self._observation(), reward, terminated, truncated, info
 
     def render(self) -> np.ndarray | None:
-        """The original as shown with every predicted box (green valid, red invalid, blue truth) and
-        the crops to its right, as an ``(H, W, 3)`` uint8 array; None unless ``render_mode`` is set."""
+        """The original as shown with every predicted box (green valid, red invalid, blue truth), the
+        crops to its right and the episode so far in words below (`envs.render.episode_text`), as an
+        ``(H, W, 3)`` uint8 array; None unless ``render_mode`` is set."""
         if self.render_mode is None:
             gym.logger.warn("ZoomEnv.render() needs render_mode='rgb_array' at construction")
             return None
         if self._sample is None:
             raise gym.error.ResetNeeded("Expects reset() before render()")
         image, view = self._original
-        return render_episode(image, view, self._boxes, self._crops, truth=self._sample.boxes)
+        return render_episode(image, view, self._boxes, self._crops, truth=self._sample.boxes,
+                              caption=episode_text(self._sample, *self._story))
 
     # ------------------------------------------------------------------ internals
 

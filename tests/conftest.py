@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -9,6 +11,18 @@ from zoomgym.envs.data import Sample, synthetic
 from zoomgym.envs.geometry import Box
 
 CPU_PRESET = "cpu"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``pytest -n N`` (`make test`) each worker gets its share of the CPUs as torch threads: N workers
+    with a thread per core each would wait on each other (unless ``OMP_NUM_THREADS`` says otherwise)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
 MARKER_BOX = Box(1200, 300, 1240, 340)
 
 
@@ -57,13 +71,24 @@ def synthetic_budget(synthetic_cpu: list[Sample]) -> dict[str, int]:
 
 
 class FakeLLM:
-    """Stands in for ``vllm.LLM`` where vLLM is absent: records how the engine was built."""
+    """Stands in for ``vllm.LLM`` where vLLM is absent: records how the engine was built, and answers every
+    prompt with ``FakeLLM.reply`` (token ids a test sets; log-prob -0.5 each), shaped like vLLM's outputs."""
 
     built: list[dict] = []
+    reply: list[int] = []
+    prompts: list[dict] = []
 
     def __init__(self, **kwargs) -> None:
         self.kwargs = kwargs
         FakeLLM.built.append(kwargs)
+
+    def generate(self, prompts, params, use_tqdm=True):
+        from types import SimpleNamespace
+
+        FakeLLM.prompts += prompts
+        ids = tuple(FakeLLM.reply)
+        completion = SimpleNamespace(token_ids=ids, logprobs=[{t: SimpleNamespace(logprob=-0.5)} for t in ids])
+        return [SimpleNamespace(outputs=[completion]) for _ in prompts]
 
 
 @pytest.fixture
@@ -77,5 +102,5 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> type[FakeLLM]:
     module.SamplingParams = dict
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the backend's setdefault leaves it as it was
-    FakeLLM.built = []
+    FakeLLM.built, FakeLLM.reply, FakeLLM.prompts = [], [], []
     return FakeLLM

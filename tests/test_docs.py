@@ -39,3 +39,11 @@ def test_every_file_a_doc_names_exists_in_the_repository(doc: Path) -> None:
     missing += [p for p in paths if not p.startswith(("RUN_DIR/", "runs/")) and not (REPO / p).exists()]
     assert not missing, missing
     assert "mgpo-facts" not in text  # the facts are restated in our docs; nothing points outside the repo
+
+
+def test_the_metrics_glossary_is_the_glossary_module() -> None:
+    """ARCHITECTURE.md's table and TensorBoard's descriptions come from one source, `algorithms.glossary`."""
+    from zoomgym.algorithms.glossary import markdown_table
+
+    text = (REPO / "ARCHITECTURE.md").read_text().split("## Metrics glossary", 1)[1]
+    assert markdown_table() in text, "regenerate the table: python -m zoomgym.algorithms.glossary"

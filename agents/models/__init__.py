@@ -7,6 +7,8 @@
   source had (``agents.models.processor``).
 - ``build_tiny_model(out_dir, size="1m")`` / ``tiny_model_main(argv)``: a random tiny Qwen-VL folder
   (``agents.models.tiny``).
+- ``MODEL_BUILDERS``: builders ``fn(out_dir, **options) -> Path`` a config's ``model.build`` names
+  (``"tiny"``: `build_tiny_model`); a builder writes a loadable model folder into ``out_dir``.
 - ``train_tiny_tokenizer()`` / ``load_qwen25_tokenizer()``: Qwen-layout tokenizers built offline
   (``agents.models.tokenizer``).
 
@@ -15,7 +17,13 @@ Names are imported lazily so ``import zoomgym.agents.models`` does not import to
 
 from __future__ import annotations
 
-from zoomgym.registry import lazy_exports
+from collections.abc import Callable
+from pathlib import Path
+
+from zoomgym.registry import Registry, lazy_exports
+
+MODEL_BUILDERS: Registry[Callable[..., Path]] = Registry("model builder")
+MODEL_BUILDERS.register("tiny", "zoomgym.agents.models.tiny:build_tiny_model")
 
 _EXPORTS = {
     "ADAPTERS": "zoomgym.agents.models.qwen",
@@ -34,5 +42,5 @@ _EXPORTS = {
     "train_tiny_tokenizer": "zoomgym.agents.models.tokenizer",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "MODEL_BUILDERS"])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import gymnasium
 import pytest
 import torch
@@ -140,12 +142,12 @@ def test_merged_state_dict_merges_lora_adapters(tiny_model_dir, samples):
 def test_evaluate_plays_the_lmm_agent_token_exact_with_its_own_view(tiny_agent, samples, tmp_path):
     from zoomgym.agents.evaluate import evaluate
 
-    tiny_agent.sampling = SamplingParams(temperature=0.0, max_new_tokens=6)
-    try:
-        metrics = evaluate(tiny_agent, samples[:2], "zoomgym/ZoomEnv-v0", out_dir=tmp_path, n_render=1,
-                           max_new_tokens=6)
-    finally:
-        tiny_agent.sampling = SamplingParams(temperature=0.0)
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=6)
+    metrics = evaluate(tiny_agent, samples[:2], "zoomgym/ZoomEnv-v0", sampling=sampling, out_dir=tmp_path,
+                       n_trajectories=1)
     assert metrics["eval/episodes"] == 2 and metrics["eval/turns"] == 2.0
     assert 0 < metrics["eval/generated_tokens"] <= 12  # token ids recorded: at most 6 per turn
-    assert "eval/valid_box_ratio" in metrics and len(list(tmp_path.glob("*.png"))) == 1
+    assert "eval/valid_box_ratio" in metrics and (tmp_path / "report.html").read_text().count('<div class="card"') == 1
+    protocol = json.loads((tmp_path / "results.json").read_text())["protocol"]["eval"]
+    assert protocol["view_budget"]["max_pixels"] == tiny_agent.view_budget.max_pixels == 64 * 28 * 28
+    assert protocol["sampling"]["temperature"] == 0.0 and protocol["sampling"]["max_new_tokens"] == 6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gymnasium
+import pytest
 import torch
 from zoomgym.agents.backends.base import SamplingParams, decode_text
 from zoomgym.agents.rollout import episode_seed, run_rollouts
@@ -69,6 +70,17 @@ def test_seeded_draws_do_not_depend_on_the_batch(tiny_agent, samples):
     assert [t.input_ids.tolist() for t in small] == [t.input_ids.tolist() for t in large[:2]]
 
 
+def test_episode_ids_draw_a_cut_of_the_batch_as_the_whole_batch_draws_it(tiny_agent, samples):
+    sampling = SamplingParams(temperature=1.0, seed=5, max_new_tokens=6)
+    whole = tiny_agent.rollout(samples, 2, "zoomgym/DirectVQA-v0", sampling)
+    cut = tiny_agent.rollout(samples[2:], 2, "zoomgym/DirectVQA-v0", sampling, episode_ids=[4, 5, 6, 7])
+    assert [t.input_ids.tolist() for t in cut] == [t.input_ids.tolist() for t in whole[4:]]
+    alone = tiny_agent.rollout(samples[2:], 2, "zoomgym/DirectVQA-v0", sampling)  # numbered 0..3: other draws
+    assert [t.input_ids.tolist() for t in alone] != [t.input_ids.tolist() for t in whole[4:]]
+    with pytest.raises(ValueError, match="4 distinct episode_ids"):
+        tiny_agent.rollout(samples[2:], 2, "zoomgym/DirectVQA-v0", sampling, episode_ids=[4, 4, 5, 6])
+
+
 def test_seeded_sampling_is_reproducible_and_differs_within_a_group(tiny_agent, samples):
     sampling = SamplingParams(temperature=1.0, seed=11, max_new_tokens=6)
     a = tiny_agent.rollout(samples[:2], 3, "zoomgym/DirectVQA-v0", sampling)
@@ -130,3 +142,76 @@ def test_env_factory_and_progress_bar(tiny_agent, samples, capsys):
     trajectories = tiny_agent.rollout(samples[:2], 1, make, sampling, progress=True)
     assert [t.num_turns for t in trajectories] == [1, 1]
     assert "rollout" in capsys.readouterr().err
+
+
+class _FailingStep:
+    """An env whose ``step`` fails to decode the crop of sample ``bad`` (the file went bad mid-episode)."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def step(self, action):
+        from zoomgym.envs.data import ImageLoadError
+
+        if self.env.unwrapped._sample.id == "bad":
+            raise ImageLoadError("sample 'bad': 'bad.jpg' is corrupt or truncated", "bad", "bad.jpg")
+        return self.env.step(action)
+
+
+def test_an_image_failing_to_decode_drops_its_group_and_is_reported_once(tiny_agent, samples, scripted, tmp_path):
+    """Issue 10: one bad image killed training (and --resume repeated the crash); now its group is skipped."""
+    import pytest
+    from zoomgym.agents.rollout import env_factory
+    from zoomgym.envs.data import ImageLoadError, Sample
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    broken = Sample("broken", str(tmp_path / "broken.png"), "q?", ("a", "b"), "A")
+    batch = [samples[0], broken, samples[1]]
+    with pytest.raises(ImageLoadError, match="sample 'broken'"):  # without a handler: as before
+        run_rollouts(scripted([ZOOM, ANSWER]), tiny_agent.adapter, batch, 2, "zoomgym/ZoomEnv-v0", SamplingParams())
+    errors = []
+    trajectories = run_rollouts(scripted([ZOOM, ANSWER]), tiny_agent.adapter, batch, 2, "zoomgym/ZoomEnv-v0",
+                                SamplingParams(), on_image_error=errors.append)
+    assert [(t.sample_id, t.group_id) for t in trajectories] == [("s0", 0), ("s0", 0), ("s1", 2), ("s1", 2)]
+    assert [e.sample_id for e in errors] == ["broken"]
+    assert all(t.num_turns == 2 and t.terminated for t in trajectories)  # the others played to the end
+
+    # A crop that fails mid-episode, in env.step: the same.
+    bad = Sample("bad", samples[2].image, "q?", ("a", "b"), "A")
+    make = env_factory("zoomgym/ZoomEnv-v0", view_budget=tiny_agent.view_budget, coord_frame=tiny_agent.coord_frame)
+    errors.clear()
+    trajectories = tiny_agent.rollout([bad, samples[0]], 2, lambda s: _FailingStep(make(s)), SamplingParams(
+        temperature=0.0, max_new_tokens=4), on_image_error=errors.append)
+    assert [t.sample_id for t in trajectories] == ["s0", "s0"] and [e.sample_id for e in errors] == ["bad"]
+
+
+def test_text_agents_skip_unreadable_images_too(tmp_path, samples):
+    from zoomgym.agents.rollout import play_episodes
+    from zoomgym.agents.scripted import OracleAgent
+    from zoomgym.envs.data import Sample
+
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 40)
+    broken = Sample("broken", str(tmp_path / "broken.jpg"), "q?", ("a", "b"), "A")
+    errors = []
+    trajectories = play_episodes(OracleAgent(), [broken, samples[3]], 2, "zoomgym/ZoomEnv-v0",
+                                 on_image_error=errors.append)
+    assert [t.sample_id for t in trajectories] == ["s3", "s3"] and [e.sample_id for e in errors] == ["broken"]
+
+
+def test_an_env_option_error_never_prints_the_dataset(samples):
+    import io
+
+    import pytest
+    from PIL import Image
+    from zoomgym.agents.rollout import env_factory
+    from zoomgym.envs.data import Sample
+
+    encoded = io.BytesIO()
+    Image.new("RGB", (400, 400), "red").save(encoded, "PNG")
+    heavy = Sample("heavy", encoded.getvalue() * 40, "q?", ("a", "b"), "A")
+    with pytest.raises(TypeError) as error:
+        env_factory("zoomgym/ZoomEnv-v0", {"clamp": "maybe"})(heavy)
+    assert "Expects clamp to be a bool" in str(error.value) and len(str(error.value)) < 300

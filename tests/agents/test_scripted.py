@@ -85,13 +85,15 @@ def test_replay_agent_and_vector_infos(marker: Sample) -> None:
         ReplayAgent(["only one"]).act([[]], [{"turn": 1}])
 
 
-def test_evaluate_reports_metrics_and_renders(tmp_path, synthetic_cpu, synthetic_budget) -> None:
-    metrics = evaluate(OracleAgent(), synthetic_cpu[:4], "zoomgym/ZoomEnv-v0",
-                       env_kwargs={"view_budget": synthetic_budget}, out_dir=tmp_path, n_render=2)
+def test_evaluate_reports_metrics_and_writes_the_run(tmp_path, synthetic_cpu, synthetic_budget) -> None:
+    metrics = evaluate(OracleAgent(), synthetic_cpu[:4], "zoomgym/ZoomEnv-v0", view_budget=synthetic_budget,
+                       out_dir=tmp_path, n_trajectories=2)
     assert metrics["eval/episodes"] == 4 and metrics["eval/accuracy"] == 1.0
     assert metrics["eval/valid_box_ratio"] == 1.0 and metrics["eval/fallback_ratio"] == 0.0
     assert metrics["eval/zoom_rate"] == 1.0 and metrics["eval/iou"] > 0.2
+    assert metrics["eval/target_hit_ratio"] == 1.0  # the oracle's box is on the target and small
     categories = {key for key in metrics if key.startswith("eval/accuracy/")}
     assert categories == {"eval/accuracy/attribute", "eval/accuracy/relative_position"}
-    assert len(list(tmp_path.glob("*.png"))) == 2
-    assert json.loads((tmp_path / "metrics.json").read_text())["eval/accuracy"] == 1.0
+    assert (tmp_path / "report.html").read_text().count('<div class="card"') == 2
+    assert json.loads((tmp_path / "results.json").read_text())["metrics"]["eval/accuracy"] == 1.0
+    assert len((tmp_path / "episodes.jsonl").read_text().splitlines()) == 4

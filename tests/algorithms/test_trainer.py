@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from zoomgym.algorithms.build import build_agent
 from zoomgym.algorithms.config import Config
+from zoomgym.algorithms.glossary import describe
 from zoomgym.algorithms.grpo import GRPO
 from zoomgym.algorithms.logging import read_metrics
 from zoomgym.algorithms.run import run
@@ -45,12 +47,22 @@ def check_finished_run(algo: Any, initial: dict[str, torch.Tensor], env_id: str,
     val = [r for r in records if "val/synthetic/accuracy" in r]
     assert [r["step"] for r in val] == [0, 3]  # before training and after the last step
     assert (turns == 2) == ("val/synthetic/valid_box_ratio" in val[0])  # grounding stats only with a zoom turn
+    undefined = sorted({key for r in records for key in r if key != "step" and describe(key) is None})
+    assert not undefined, f"keys missing from algorithms/glossary.py: {undefined}"
+
+    # Each validation's first episodes in words, the same text in samples.jsonl and TensorBoard.
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["tag"]) for s in samples] == [(0, "val/synthetic/samples"), (3, "val/synthetic/samples")]
+    assert samples[0]["text"].startswith(f"sample {samples[0]['sample_id']}: ") and "turn 1 model: " in samples[0]["text"]
+    assert "parsed answer: " in samples[0]["text"] and len(samples[0]["turns"]) == turns
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0}).Reload()
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
     assert {"train/reward", "val/synthetic/accuracy", "actor/clipfrac"} <= set(events.Tags()["scalars"])
+    assert events.SummaryMetadata("actor/clipfrac").summary_description == describe("actor/clipfrac")
     assert "train/trajectories/0" in events.Tags()["images"]
+    assert "val/synthetic/samples/text_summary" in events.Tags()["tensors"]
     assert (run_dir / "config.yaml").is_file()
 
     from transformers import AutoModelForImageTextToText
@@ -192,15 +204,19 @@ def test_validation_is_greedy_on_every_held_out_set() -> None:
 
     from zoomgym.algorithms.build import sampling_params
     from zoomgym.algorithms.config import Config as Cfg
-    from zoomgym.algorithms.trainer import Trainer
+    from zoomgym.algorithms.trainer import Trainer, UnreadableImages
 
     calls = []
-    stub = SimpleNamespace(cfg=Cfg(), val_sets={"a": ["s1", "s2"], "b": ["s3"]}, step=4, first_validation={},
-                           last_validation={}, _validated_step=None, logger=SimpleNamespace(log=lambda step, m: None))
+    logger = SimpleNamespace(log=lambda step, m: None, log_samples=lambda step, tag, records: None)
+    s1, s2, s3 = (SimpleNamespace(id=name) for name in ("s1", "s2", "s3"))
+    stub = SimpleNamespace(cfg=Cfg(), val_sets={"a": [s1, s2], "b": [s3]}, step=4, first_validation={},
+                           last_validation={}, _validated_step=None, logger=logger, unreadable=UnreadableImages())
     stub.rollout = lambda samples, group_size, *, greedy, seed: calls.append((samples, group_size, greedy)) or []
     metrics = Trainer.validate(stub)
-    assert calls == [(["s1", "s2"], 1, True), (["s3"], 1, True)]  # one greedy episode per held-out sample
+    assert calls == [([s1, s2], 1, True), ([s3], 1, True)]  # one greedy episode per held-out sample
     assert "time/validation_s" in metrics and stub._validated_step == 4
+    # Issue 10: with trainer.val_before_train=false the first validation (step 4) was printed as "before training".
+    assert stub.first_validation == {} and stub.last_validation is metrics
     greedy = sampling_params(stub.cfg, greedy=True, seed=0)
     assert greedy.temperature == 0.0 and greedy.top_p == 1.0 and greedy.greedy
     assert sampling_params(stub.cfg, greedy=False, seed=0).temperature == stub.cfg.rollout.temperature == 1.0
@@ -285,3 +301,26 @@ def test_a_registered_advantage_and_policy_loss_selected_by_config_change_the_up
     finally:
         core.ADVANTAGES.pop("test_alternating")
         core.POLICY_LOSSES.pop("test_counted")
+
+
+def test_rendered_slots_show_distinct_samples() -> None:
+    """Issue 10: two rendered slots showed two rollouts of the same sample (a group shares its image)."""
+    from types import SimpleNamespace
+
+    from zoomgym.algorithms.trainer import distinct_samples
+
+    group = [SimpleNamespace(sample_id=s) for s in ("a", "a", "b", "b", "c", "c")]
+    assert [t.sample_id for t in distinct_samples(group, 2)] == ["a", "b"]
+    assert distinct_samples(group, 2)[1] is group[2]
+
+
+def test_runs_are_named_after_the_algorithm() -> None:
+    """Issue 10: runs/<name>-<date> hid which algorithm a quickstart run trained."""
+    from pathlib import Path
+
+    from zoomgym.algorithms.config import load_config
+    from zoomgym.algorithms.trainer import default_run_dir
+
+    quickstart = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+    assert default_run_dir(load_config(quickstart)).startswith("runs/mgpo-quickstart-")
+    assert default_run_dir(load_config(quickstart, ["algorithm.name=grpo"])).startswith("runs/grpo-quickstart-")

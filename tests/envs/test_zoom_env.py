@@ -273,6 +273,37 @@ def test_render_draws_boxes_and_crops(marker: Sample) -> None:
     assert (after[..., 1] == 200).any()  # the valid box outline (green)
 
 
+def test_render_tells_the_episode_in_words_under_a_legend(marker: Sample) -> None:
+    """Issue 10: a rendered trajectory showed boxes only: not the question, what the model wrote, the parsed
+    answer or the reward, and no legend said which colour is the truth."""
+    from zoomgym.envs.render import LEGEND, MAX_ACTION_CHARS, episode_text, render_episode
+
+    env = gym.make("zoomgym/ZoomEnv-v0", dataset=[marker], render_mode="rgb_array")
+    env.reset(seed=0)
+    env.step("no box " + "x" * 2000)  # a fallback turn: a long unbroken model text is cut, and wrapped
+    _, reward, *_ = env.step("It is \\boxed{B}.")
+    inner = env.unwrapped
+    image, view = inner._original
+    bare = render_episode(image, view, inner._boxes, inner._crops, truth=marker.boxes)
+    frame = env.render()
+    assert frame.shape[1] == bare.shape[1] and frame.shape[0] > bare.shape[0] + 16 * 6  # text rows below
+    assert (frame[bare.shape[0]:] == 0).all(axis=-1).any()  # black text on the white block
+    assert [label for _, label in LEGEND] == ["ground truth", "model box (n = turn)", "invalid box"]
+    whole = ViewInfo("n", Box(0, 0, 224, 224), (224, 224), 64, (1, 16, 16), "original")
+    narrow = render_episode(Image.new("RGB", (224, 224), "white"), whole, [], [],
+                            caption="a")  # a fallback episode: no crop column, the legend wraps
+    for colour, _ in LEGEND:  # every swatch is drawn (before, the third fell off the right edge)
+        assert (narrow[224:] == colour).all(axis=-1).any(), colour
+
+    text = episode_text(marker, *inner._story).splitlines()
+    assert text[0] == "sample marker: What colour is the square?"
+    assert text[1] == "choices: (A) blue  (B) red  (C) green  (D) white"
+    assert text[2].startswith('turn 1 model: "no box xxx') and text[2].endswith(f"({2009 - MAX_ACTION_CHARS} more characters)")
+    assert text[3] == "turn 1 env: no valid box: the same image again"
+    assert text[4:] == ['turn 2 model: "It is \\\\boxed{B}."', "turn 2 env: answer B",
+                        f"parsed answer: B   truth: B   reward: {reward:g}"]
+
+
 def test_observations_are_fresh_objects(marker: Sample) -> None:
     env = gym.make("zoomgym/ZoomEnv-v0", dataset=[marker])
     first, _ = env.reset(seed=0)
