@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from zoomgym.agents.models import MODEL_BUILDERS
+
 from zoomgym.registry import Registry
 
 __all__ = ["ALGORITHMS", "get", "make", "register"]
@@ -35,6 +37,9 @@ ALGORITHMS: Registry[type] = Registry("algorithm")
 """Algorithm name -> class (``"module:Class"`` for the built-ins, so importing this package imports no torch)."""
 ALGORITHMS.register("grpo", "zoomgym.algorithms.grpo:GRPO")
 ALGORITHMS.register("mgpo", "zoomgym.algorithms.mgpo:MGPO")
+
+# The toy base is a model a config can build (model.build.builder: toy_base): SFT of the tiny model.
+MODEL_BUILDERS.register("toy_base", "zoomgym.algorithms.toy_base:build_toy_base_into")
 
 
 def register(name: str) -> Any:

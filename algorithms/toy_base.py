@@ -11,7 +11,9 @@ RL already able to point and to read. The toy base stands in for that on 2 CPU c
    partly there (hit rate near the middle of `HIT_RANGE`), so RL has something to learn and a gain
    can be told apart from the base's own skill;
 4. copy it to ``CACHE/toy-base-<recipe hash>/model`` (a stock transformers folder) with
-   ``report.json``: the step picked, why, its validation numbers and the whole recipe.
+   ``report.json``: the step picked, why, its validation numbers and the whole recipe; the link
+   ``CACHE/toy-base`` names the latest one built or reused (``configs/quickstart.yaml`` loads
+   ``.cache/toy-base/model``).
 
 The folder name hashes the recipe (the config after overrides, the model settings, the selection
 rule, the zoomgym version), so a changed recipe builds anew and an unchanged one is reused. A build
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -123,6 +126,7 @@ def build_toy_base(overrides: Sequence[str] = (), cache: str | Path = ".cache", 
     home = Path(cache) / f"toy-base-{recipe_hash(values)}"
     model_dir, report_file = home / "model", home / "report.json"
     if report_file.is_file() and not force:
+        _link_latest(home)
         return model_dir
     if force:
         shutil.rmtree(home, ignore_errors=True)
@@ -145,7 +149,26 @@ def build_toy_base(overrides: Sequence[str] = (), cache: str | Path = ".cache", 
               "history": {str(s): history[s] for s in sorted(history)}, "build_seconds": time.perf_counter() - start,
               "recipe": values}
     report_file.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    _link_latest(home)
     return model_dir
+
+
+def _link_latest(home: Path) -> None:
+    """Point ``CACHE/toy-base`` at ``home`` (replaced atomically: a reader never sees it missing)."""
+    link, staging = home.parent / "toy-base", home.parent / f".toy-base-link-{os.getpid()}"
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(home.name, target_is_directory=True)
+    os.replace(staging, link)
+
+
+def build_toy_base_into(out_dir: str | Path, overrides: Sequence[str] = (), cache: str | Path = ".cache") -> Path:
+    """The ``toy_base`` model builder (``model.build: {builder: toy_base, into: .cache/toy-base/model}``):
+    `build_toy_base`, then the model copied to ``out_dir`` unless that is where it already is."""
+    model_dir = build_toy_base(overrides, cache=cache)
+    out = Path(out_dir)
+    if not out.exists() or out.resolve() != model_dir.resolve():
+        shutil.copytree(model_dir, out, dirs_exist_ok=True)
+    return out
 
 
 def describe_report(model_dir: Path) -> str:

@@ -203,7 +203,7 @@ def test_a_mistyped_model_path_is_never_built_into(tmp_path: Path, monkeypatch: 
     quickstart = REPO / "configs" / "quickstart.yaml"
     for path in (tmp_path / "run" / "checkpoints" / "step_00012", "/nonexistent/model"):
         cfg = load_config(quickstart, [f"model.path={path}"])
-        with pytest.raises(ValueError, match=r"'model\.path'.*does not exist \(model\.build builds '\.cache/tiny-qwen-1m'"):
+        with pytest.raises(ValueError, match=r"'model\.path'.*does not exist \(model\.build builds '\.cache/toy-base/model'"):
             validate(cfg)
         from zoomgym.algorithms.build import build_agent
 
@@ -214,7 +214,7 @@ def test_a_mistyped_model_path_is_never_built_into(tmp_path: Path, monkeypatch: 
     (tmp_path / "runs").mkdir()
     with pytest.raises(ValueError, match=r"'model\.path'.*'runs/step_1' does not exist"):  # a folder, not a hub id
         validate(load_config(None, ["model.path=runs/step_1"]))  # relative to the current folder
-    assert load_config(quickstart).model.build.into == ".cache/tiny-qwen-1m"
+    assert load_config(quickstart).model.build.into == ".cache/toy-base/model"
 
 
 def test_yaml_aliases_are_refused(tmp_path: Path) -> None:

@@ -262,6 +262,7 @@ def test_toy_base_is_built_once_per_recipe_and_is_a_stock_folder(tmp_path: Path,
     report = json.loads((home / "report.json").read_text())
     assert report["step"] in (1, 2) and "held-out" in first and str(home / "model") in first
     assert not (home / "model" / "trainer_state.pt").exists()
+    assert (tmp_path / "toy-base").resolve() == home.resolve()  # the link configs/quickstart.yaml loads
     AutoModelForImageTextToText.from_pretrained(home / "model")  # no project code needed
     stamp = (home / "report.json").stat().st_mtime_ns
     assert main(["toy-base", *small, "--cache", str(tmp_path)]) == 0  # same recipe: reused, not rebuilt
