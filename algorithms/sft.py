@@ -146,6 +146,17 @@ def _reply_box(text: str) -> tuple[float, ...] | None:
     return next(iter_box_candidates(text), None)
 
 
+def reply_loss(logp: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """The teacher-forcing loss: token-mean negative log-likelihood of the masked tokens,
+    ``-sum_it m_it logp_it / sum_it m_it`` (SFT's replies, the format warm-up's scripted turns).
+
+    Image-pad positions score ``-inf`` (placeholders are banned from the distribution), so the masked
+    log-probs are selected, not multiplied.
+    """
+    mask = loss_mask.to(logp.device) > 0
+    return -torch.where(mask, logp, 0.0).sum() / mask.sum()
+
+
 def score_generation(chat: ChatExample, generated: str, shown_size: tuple[int, int]) -> dict[str, float]:
     """The validation scores of one generation against the chat's last reply (module docstring)."""
     reference = chat.reply
@@ -299,8 +310,7 @@ class SFT(Trainer):
         batch = self.agent.collate(examples)
         logp, _ = token_logprobs(self.model, self.agent.adapter, batch)
         mask = batch["loss_mask"].to(logp.device)
-        # Image-pad positions score -inf (placeholders are banned from the distribution): select, not multiply.
-        out = {"sft/loss": -torch.where(mask > 0, logp, 0.0).sum() / mask.sum()}
+        out = {"sft/loss": reply_loss(logp, mask)}
         image_tokens = batch["input_ids"].to(logp.device) == self.agent.adapter.image_pad_id
         if self.token_heads is not None and all(chat.token_labels for chat in chats):
             labels = {name: torch.cat([torch.as_tensor(per_image[name]) for chat in chats for per_image in chat.token_labels])

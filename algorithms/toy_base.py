@@ -37,9 +37,9 @@ from zoomgym.algorithms.config import Config, load_config, parse_override, to_di
 TOY_BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy_base.yaml"
 """The SFT recipe of the toy base."""
 
-MIN_READING = 0.9
+MIN_READING = 0.8
 """A checkpoint qualifies when it answers at least this share of held-out reading chats ..."""
-MIN_VALID_BOXES = 0.9
+MIN_VALID_BOXES = 0.85
 """... and writes a valid box for at least this share of held-out grounding chats."""
 HIT_RANGE = (0.4, 0.6)
 """Grounding hit rate wanted: the earliest qualifying checkpoint inside it, else the qualifying one

@@ -14,7 +14,8 @@ and a seed), so the transcripts hold no information about the answer or the targ
 the warm-up the model writes valid boxes and well-formed answers at chance accuracy, and any later gain
 comes from RL.
 
-Loss (one optimizer step per warm-up step, AdamW, grad-norm clip)::
+Loss (one optimizer step per warm-up step, AdamW, grad-norm clip): supervised fine-tuning's
+(`algorithms.sft.reply_loss`)::
 
     L = - sum_{i,t} mask[i,t] * log p(x[i,t] | x[i,<t], images) / sum_{i,t} mask[i,t]
 
@@ -36,6 +37,7 @@ import torch
 from zoomgym.agents.backends.base import SamplingParams
 from zoomgym.agents.backends.scripted import ScriptedBackend
 from zoomgym.agents.rollout import ImageErrorHandler, run_rollouts
+from zoomgym.algorithms.sft import reply_loss
 
 if TYPE_CHECKING:
     from zoomgym.agents.trajectory import Trajectory
@@ -82,8 +84,7 @@ def format_warmup(agent: Any, samples: Sequence[Any], env_fn: Callable[[Any], An
             continue
         batch = agent.collate(trajectories)
         logp, _ = agent.token_logprobs(batch)
-        mask = batch["loss_mask"].to(logp.device).float()
-        loss = -(torch.where(mask > 0, logp, 0.0) * mask).sum() / mask.sum()
+        loss = reply_loss(logp, batch["loss_mask"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

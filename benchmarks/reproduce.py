@@ -1,7 +1,7 @@
 """The paper's claim at toy scale: from the toy base, MGPO (zoom) vs GRPO (no zoom), several seeds.
 
     make reproduce                                   # = python benchmarks/reproduce.py
-    python benchmarks/reproduce.py --seeds 0 1 2 --steps 30 --val-every 5 --out runs/reproduce
+    python benchmarks/reproduce.py --seeds 0 1 2 --steps 30 --val-every 5 --jobs 2 --out runs/reproduce
 
 Both algorithms train from the same toy base (`zoomgym toy-base`, cached) with configs/quickstart.yaml:
 the same prompts, steps, batch, learning rate and seeds; MGPO on zoomgym/ZoomEnv-v0, GRPO on
@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,20 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
-CURVES = ("accuracy", "target_hit_ratio", "valid_box_ratio", "iou")
-"""Validation metrics plotted and tabled (``val/synthetic/<name>``); GRPO has only accuracy."""
+CURVES = ("accuracy", "target_hit_ratio", "valid_box_ratio", "iou", "visual_tokens")
+"""Validation metrics tabled (``val/synthetic/<name>``), the first three plotted; GRPO has no boxes."""
+
+
+def full_resolution_tokens() -> int:
+    """Visual tokens of one look at the whole 672 px canvas at full resolution (what a single turn needs
+    to see the checks as a crop shows them), under the toy base's patch geometry."""
+    from zoomgym.agents.models.tiny import TOY_BASE_MODEL
+    from zoomgym.envs.views import ViewBudget
+
+    side = 672
+    factor = TOY_BASE_MODEL["patch_size"] * TOY_BASE_MODEL["merge_size"]
+    w, h = ViewBudget(side * side, side * side, TOY_BASE_MODEL["patch_size"], TOY_BASE_MODEL["merge_size"]).shown_size(side, side)
+    return (w // factor) * (h // factor)
 
 
 def curve(run_dir: Path, name: str) -> dict[int, float]:
@@ -49,13 +63,17 @@ def train(algorithm: str, seed: int, base: Path, args: argparse.Namespace) -> di
     from zoomgym.algorithms.config import load_config
     from zoomgym.algorithms.run import run
 
+    if args.jobs > 1:
+        torch.set_num_threads(1)  # one core per run: runs side by side, no oversubscription
     run_dir = args.out / f"{algorithm}-seed{seed}"
     overrides = [f"model.path={base}", f"algorithm.name={algorithm}", f"trainer.seed={seed}",
                  f"trainer.steps={args.steps}", f"trainer.val_every={args.val_every}", f"logging.run_dir={run_dir}",
-                 f"data.val[0].options.n={args.val_items}", "trainer.save_every=0", "logging.render_every=0",
-                 f"logging.progress_bar={'false' if os.environ.get('CI') else 'true'}"]
+                 "trainer.save_every=0", "logging.render_every=0",
+                 f"logging.progress_bar={str(args.jobs == 1 and not os.environ.get('CI')).lower()}"]
+    cfg = load_config(QUICKSTART, overrides)
+    cfg.data.val[0].options["n"] = args.val_items  # the quickstart's held-out questions, as many as asked
     start = time.perf_counter()
-    run(load_config(QUICKSTART, overrides))
+    run(cfg)
     return {"run_dir": str(run_dir), "seconds": time.perf_counter() - start,
             "curves": {name: curve(run_dir, name) for name in CURVES}}
 
@@ -95,6 +113,28 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                 out[algorithm][name] = {"start": spread([c[min(c)] for c in curves]), "end": spread([c[max(c)] for c in curves])}
         out[algorithm]["seconds"] = spread([r["seconds"] for r in seeds])
     return out
+
+
+def table(results: dict[str, Any]) -> str:
+    """``results.md``: the README's table, final numbers as mean [min, max] over seeds."""
+    def cell(summary: dict[str, Any], name: str, when: str) -> str:
+        if name not in summary:
+            return "-"
+        v = summary[name][when]
+        return f"{v['mean']:.3f} [{v['min']:.3f}, {v['max']:.3f}]"
+
+    lines = [f"| algorithm (env) | accuracy, step 0 | accuracy, step {results['steps']} | target-hit ratio, step 0 -> "
+             f"{results['steps']} | valid-box ratio, step 0 -> {results['steps']} | IoU, step {results['steps']} | "
+             "visual tokens / episode | wall time per run |", "|---|---|---|---|---|---|---|---|"]
+    envs = {"mgpo": "ZoomEnv-v0", "grpo": "DirectVQA-v0"}
+    for algorithm, summary in results["summary"].items():
+        tokens = summary.get("visual_tokens", {}).get("end", {}).get("mean")
+        lines.append(
+            f"| {algorithm} ({envs.get(algorithm, '?')}) | {cell(summary, 'accuracy', 'start')} | {cell(summary, 'accuracy', 'end')} "
+            f"| {cell(summary, 'target_hit_ratio', 'start')} -> {cell(summary, 'target_hit_ratio', 'end')} "
+            f"| {cell(summary, 'valid_box_ratio', 'start')} -> {cell(summary, 'valid_box_ratio', 'end')} "
+            f"| {cell(summary, 'iou', 'end')} | {tokens:.0f} | {summary['seconds']['mean'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
@@ -145,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-steps", type=int, default=100)
     parser.add_argument("--algorithms", nargs="+", default=["mgpo", "grpo"])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "reproduce")
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side, one torch thread each")
     args = parser.parse_args(argv)
     from zoomgym.algorithms.toy_base import build_toy_base, describe_report
 
@@ -154,20 +195,23 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict[str, Any]]] = {a: [] for a in args.algorithms}
     rl_start = time.perf_counter()
-    for seed in args.seeds:
-        for algorithm in args.algorithms:
-            runs[algorithm].append(train(algorithm, seed, base, args))
+    jobs = [(algorithm, seed) for seed in args.seeds for algorithm in args.algorithms]
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = list(pool.map(train, *zip(*jobs), [base] * len(jobs), [args] * len(jobs)))
+    for (algorithm, _), result in zip(jobs, done):
+        runs[algorithm].append(result)
     rl_seconds = time.perf_counter() - rl_start
     control = supervised_control(base, args) if args.control_steps else None
     results = {
         "base": json.loads((base.parent / "report.json").read_text())["validation"], "seeds": args.seeds,
         "steps": args.steps, "val_items": args.val_items, "runs": runs, "summary": summarise(runs),
-        "control": control, "rl_seconds": rl_seconds, "total_seconds": time.perf_counter() - start,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "control": control, "full_resolution_visual_tokens": full_resolution_tokens(), "rl_seconds": rl_seconds, "total_seconds": time.perf_counter() - start,
+        "machine": {"cpus": os.cpu_count(), "jobs": args.jobs, "platform": platform.platform(),
                     "load_average_at_end": os.getloadavg()},
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(runs, args.out / "curves.png")
+    (args.out / "results.md").write_text(table(results))
     for algorithm, summary in results["summary"].items():
         acc = summary["accuracy"]
         print(f"{algorithm}: accuracy {acc['start']['mean']:.3f} -> {acc['end']['mean']:.3f} "
