@@ -176,6 +176,14 @@ def _tiny_model(argv: Sequence[str]) -> int:
     return tiny_model_main(list(argv))
 
 
+def _add_run_arguments(parser: argparse.ArgumentParser, items_help: str, import_example: str) -> None:
+    """CONFIG and overrides, ``--resume`` and ``--import``: the arguments of every command that trains."""
+    parser.add_argument("items", nargs="*", metavar="CONFIG | key.sub=value", help=items_help)
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help=f"import a module first {import_example}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``zoomgym`` argument parser (``tiny-model`` forwards its arguments)."""
     parser = argparse.ArgumentParser(prog="zoomgym", description="Teach multimodal models to look closer.")
@@ -183,19 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.commands = sub.choices  # type: ignore[attr-defined]  (each command's own parser, filled below, for main)
 
     train = sub.add_parser("train", help="train with a YAML config and dotted overrides")
-    train.add_argument("items", nargs="*", metavar="CONFIG | key.sub=value",
-                       help="a YAML config, then overrides such as trainer.lr=2e-6 algorithm.name=grpo")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
-    train.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                       help="import a module first (e.g. one that registers your algorithm)")
+    _add_run_arguments(train, "a YAML config, then overrides such as trainer.lr=2e-6 algorithm.name=grpo",
+                       "(e.g. one that registers your algorithm)")
     train.add_argument("--help-config", action="store_true", help="list every config key with default and help")
 
     sft = sub.add_parser("sft", help="supervised fine-tuning on chats (the config's sft section)")
-    sft.add_argument("items", nargs="*", metavar="CONFIG | key.sub=value",
-                     help="a YAML config (e.g. configs/toy_base.yaml), then overrides such as trainer.steps=100")
-    sft.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
-    sft.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                     help="import a module first (e.g. one that registers your chat task)")
+    _add_run_arguments(sft, "a YAML config (e.g. configs/toy_base.yaml), then overrides such as trainer.steps=100",
+                       "(e.g. one that registers your chat task)")
     sft.set_defaults(help_config=False)
 
     toy = sub.add_parser("toy-base", help="build (or reuse) the toy base: a tiny model that can ground and read")

@@ -349,8 +349,7 @@ class SFT(Trainer):
         for label, chats in self.val_sets.items():
             requests, sizes = [], []
             for chat in chats:
-                messages = shown_messages(chat, self.view_budget)
-                prompt = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
+                prompt = shown_messages(chat, self.view_budget)[: len(chat.prompt())]
                 images = message_images(prompt)
                 prompt_ids, _ = adapter.encode_conversation(prompt)
                 requests.append(GenerationRequest(prompt_ids, images, self.cfg.sft.max_new_tokens))

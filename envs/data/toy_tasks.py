@@ -99,11 +99,20 @@ def _token_cells(region: Box, shown: tuple[int, int], factor: int) -> np.ndarray
     return np.stack([region.x1 + c * sx, region.y1 + r * sy, region.x1 + (c + 1) * sx, region.y1 + (r + 1) * sy], 1)
 
 
-def _overlap(cells: np.ndarray, box: Sequence[float]) -> np.ndarray:
-    """Per cell, the area it shares with ``box`` over the cell's area."""
+def _intersection(cells: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    """Per cell, the area it shares with ``box``."""
     w = np.clip(np.minimum(cells[:, 2], box[2]) - np.maximum(cells[:, 0], box[0]), 0, None)
     h = np.clip(np.minimum(cells[:, 3], box[3]) - np.maximum(cells[:, 1], box[1]), 0, None)
-    return w * h / ((cells[:, 2] - cells[:, 0]) * (cells[:, 3] - cells[:, 1]))
+    return w * h
+
+
+def _cell_area(cells: np.ndarray) -> np.ndarray:
+    return (cells[:, 2] - cells[:, 0]) * (cells[:, 3] - cells[:, 1])
+
+
+def _overlap(cells: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    """Per cell, the area it shares with ``box`` over the cell's area."""
+    return _intersection(cells, box) / _cell_area(cells)
 
 
 def token_labels(sample: Sample, region: Box, shown: tuple[int, int], factor: int) -> dict[str, np.ndarray]:
@@ -129,10 +138,7 @@ def token_labels(sample: Sample, region: Box, shown: tuple[int, int], factor: in
 def tokens_covering(region: Box, shown: tuple[int, int], factor: int, box: Box, share: float) -> np.ndarray:
     """Per visual token, whether ``box`` covers more than ``share`` of the token (or of the box)."""
     cells = _token_cells(region, shown, factor)
-    w = np.clip(np.minimum(cells[:, 2], box.x2) - np.maximum(cells[:, 0], box.x1), 0, None)
-    h = np.clip(np.minimum(cells[:, 3], box.y2) - np.maximum(cells[:, 1], box.y1), 0, None)
-    cell_area = (cells[:, 2] - cells[:, 0]) * (cells[:, 3] - cells[:, 1])
-    return w * h / np.minimum(cell_area, box.area) > share
+    return _intersection(cells, box.as_tuple()) / np.minimum(_cell_area(cells), box.area) > share
 
 
 class _Item:
