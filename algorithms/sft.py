@@ -36,7 +36,7 @@ holding the reference box's centre, at most `HIT_MAX_AREA_RATIO` times its area)
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -157,6 +157,56 @@ def reply_loss(logp: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     return -torch.where(mask, logp, 0.0).sum() / mask.sum()
 
 
+ScaffoldLosses = Callable[[Sequence[int], dict[str, Any], torch.Tensor], dict[str, torch.Tensor]]
+"""``(indices of the micro-batch's examples, its collated batch, its token log-probs) -> {name: loss}``:
+extra training terms computed from the same forward (SFT's token heads and attention loss)."""
+
+
+def teacher_forcing_step(agent: Any, examples: Sequence[Trajectory], optimizer: torch.optim.Optimizer, *,
+                         micro_batch_size: int, grad_clip: float, scaffold: ScaffoldLosses | None = None,
+                         scaffold_weights: Mapping[str, float] | None = None) -> dict[str, float]:
+    """One optimizer step of teacher forcing on ``examples``: the one training step of every supervised
+    run (``zoomgym sft``, the format warm-up).
+
+    The examples are cut into micro-batches of ``micro_batch_size`` of similar length (little padding);
+    gradients accumulate so the step minimises, whatever the cut,
+
+        reply_loss over all examples (token mean)  +  sum_k w_k * mean over examples of scaffold term k
+
+    then the global gradient norm is clipped to ``grad_clip`` (0: no clip) and ``optimizer`` steps. The
+    caller owns ``model.train()``/``eval()``, the lr schedule and the weight sync.
+
+    Returns:
+        ``sft/loss`` (the reply loss), each scaffold term's mean, ``sft/grad_norm``, ``sft/reply_tokens``
+        and ``sft/tokens``.
+    """
+    weights = dict(scaffold_weights or {})
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
+    total_tokens = sum(e.response_length for e in examples)
+    sums = {"sft/loss": 0.0, **dict.fromkeys(weights, 0.0)}
+    optimizer.zero_grad(set_to_none=True)
+    for k in range(0, len(order), micro_batch_size):
+        part = order[k: k + micro_batch_size]
+        batch = agent.collate([examples[i] for i in part])
+        logp, _ = token_logprobs(agent.model, agent.adapter, batch)
+        # Token mean over the whole step for the reply loss, example mean for the scaffold terms.
+        text_share = sum(examples[i].response_length for i in part) / total_tokens
+        loss = text_share * reply_loss(logp, batch["loss_mask"])
+        sums["sft/loss"] += float(loss.detach())
+        for name, value in (scaffold(part, batch, logp) if scaffold else {}).items():
+            share = len(part) / len(examples)
+            loss = loss + weights[name] * share * value
+            sums[name] += share * float(value.detach())
+        loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    metrics = {key: value for key, value in sums.items() if key == "sft/loss" or value}
+    metrics.update({"sft/grad_norm": float(grad_norm), "sft/reply_tokens": float(total_tokens),
+                    "sft/tokens": float(sum(e.length for e in examples))})
+    return metrics
+
+
 def score_generation(chat: ChatExample, generated: str, shown_size: tuple[int, int]) -> dict[str, float]:
     """The validation scores of one generation against the chat's last reply (module docstring)."""
     reference = chat.reply
@@ -258,41 +308,25 @@ class SFT(Trainer):
 
     def train_step(self) -> tuple[dict[str, float], list[Trajectory]]:
         """One optimizer step on ``sft.batch_size`` chats (module docstring)."""
-        s, t = self.cfg.sft, self.cfg.trainer
+        s = self.cfg.sft
         start = time.perf_counter()
         chats = self.draw(s.batch_size)
         examples = [encode_chat(chat, self.agent.adapter, self.view_budget) for chat in chats]
-        order = sorted(range(len(examples)), key=lambda i: examples[i].length)
-        total_tokens = sum(e.response_length for e in examples)
-        sums = {"sft/loss": 0.0, "sft/aux_loss": 0.0, "sft/attention_loss": 0.0}
-        weights = {"sft/loss": 1.0, "sft/aux_loss": s.aux_weight, "sft/attention_loss": s.attention_weight}
         attention = self._use_eager_attention(s.attention_weight > 0)
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
         try:
-            for k in range(0, len(order), t.micro_batch_size):
-                part = order[k: k + t.micro_batch_size]
-                losses = self._micro_batch_losses([chats[i] for i in part], [examples[i] for i in part])
-                # Token mean over the whole step for the text loss, chat mean for the others.
-                shares = {"sft/loss": sum(examples[i].response_length for i in part) / total_tokens,
-                          "sft/aux_loss": len(part) / len(examples), "sft/attention_loss": len(part) / len(examples)}
-                loss = sum(weights[key] * shares[key] * value for key, value in losses.items())
-                for key, value in losses.items():
-                    sums[key] += shares[key] * float(value.detach())
-                loss.backward()
+            metrics = teacher_forcing_step(
+                self.agent, examples, self.optimizer, micro_batch_size=self.cfg.trainer.micro_batch_size,
+                grad_clip=self.cfg.trainer.grad_clip,
+                scaffold=lambda part, batch, logp: self._scaffold_losses([chats[i] for i in part], batch, logp),
+                scaffold_weights={"sft/aux_loss": s.aux_weight, "sft/attention_loss": s.attention_weight})
         finally:
             self._use_eager_attention(attention)
             self._captured.clear()
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
         self.scheduler.step()
         self.model.eval()
         self.agent.sync_weights(self.step + 1)
-        metrics = {key: value for key, value in sums.items() if key == "sft/loss" or value}
-        metrics.update({"sft/grad_norm": float(grad_norm), "sft/reply_tokens": float(total_tokens),
-                        "sft/tokens": float(sum(e.length for e in examples)),
-                        "time/step_s": time.perf_counter() - start})
+        metrics["time/step_s"] = time.perf_counter() - start
         return metrics, examples
 
     def _use_eager_attention(self, eager: bool | str) -> str:
@@ -305,12 +339,13 @@ class SFT(Trainer):
             self.model.set_attn_implementation({"text_config": wanted})
         return before
 
-    def _micro_batch_losses(self, chats: Sequence[ChatExample], examples: Sequence[Trajectory]) -> dict[str, torch.Tensor]:
+    def _scaffold_losses(self, chats: Sequence[ChatExample], batch: dict[str, Any],
+                         logp: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The optional token-head and attention terms of one micro-batch (module docstring), from the
+        hidden states and attention weights its forward left in ``self._captured``."""
         s = self.cfg.sft
-        batch = self.agent.collate(examples)
-        logp, _ = token_logprobs(self.model, self.agent.adapter, batch)
+        out = {}
         mask = batch["loss_mask"].to(logp.device)
-        out = {"sft/loss": reply_loss(logp, mask)}
         image_tokens = batch["input_ids"].to(logp.device) == self.agent.adapter.image_pad_id
         if self.token_heads is not None and all(chat.token_labels for chat in chats):
             labels = {name: torch.cat([torch.as_tensor(per_image[name]) for chat in chats for per_image in chat.token_labels])

@@ -14,12 +14,14 @@ and a seed), so the transcripts hold no information about the answer or the targ
 the warm-up the model writes valid boxes and well-formed answers at chance accuracy, and any later gain
 comes from RL.
 
-Loss (one optimizer step per warm-up step, AdamW, grad-norm clip): supervised fine-tuning's
-(`algorithms.sft.reply_loss`)::
+Training is supervised fine-tuning's own step (`algorithms.sft.teacher_forcing_step`: one AdamW step per
+warm-up step, grad-norm clip 1), on scripted episodes instead of chats::
 
     L = - sum_{i,t} mask[i,t] * log p(x[i,t] | x[i,<t], images) / sum_{i,t} mask[i,t]
 
 over the scripted tokens of both turns (the env's tokens and the images are masked, exactly as in RL).
+Only the data differs from ``zoomgym sft``: episodes played in the real env by a scripted backend, so
+their tokens are laid out exactly as RL's rollouts.
 
 Example:
     >>> from zoomgym.algorithms.warmup import format_warmup                       # doctest: +SKIP
@@ -37,7 +39,7 @@ import torch
 from zoomgym.agents.backends.base import SamplingParams
 from zoomgym.agents.backends.scripted import ScriptedBackend
 from zoomgym.agents.rollout import ImageErrorHandler, run_rollouts
-from zoomgym.algorithms.sft import reply_loss
+from zoomgym.algorithms.sft import teacher_forcing_step
 
 if TYPE_CHECKING:
     from zoomgym.agents.trajectory import Trajectory
@@ -72,8 +74,7 @@ def format_warmup(agent: Any, samples: Sequence[Any], env_fn: Callable[[Any], An
     num_options = max(len(s.options) for s in samples)
     backend = ScriptedBackend(agent.adapter, num_options, config.box_grid, config.box_side)
     model = agent.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     losses = []
     model.train()
@@ -82,14 +83,8 @@ def format_warmup(agent: Any, samples: Sequence[Any], env_fn: Callable[[Any], An
         trajectories = scripted_episodes(agent, picked, env_fn, int(rng.integers(2**31)), backend, on_image_error)
         if not trajectories:
             continue
-        batch = agent.collate(trajectories)
-        logp, _ = agent.token_logprobs(batch)
-        loss = reply_loss(logp, batch["loss_mask"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        stats = teacher_forcing_step(agent, trajectories, optimizer, micro_batch_size=config.batch_size, grad_clip=1.0)
+        losses.append(stats["sft/loss"])
         if step == 0 or (step + 1) % 10 == 0:
             print(f"format warm-up {step + 1}/{config.steps}: token NLL {losses[-1]:.3f}", flush=True)
     model.eval()

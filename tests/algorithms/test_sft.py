@@ -151,7 +151,7 @@ def test_toy_chats_target_the_asked_checks_and_label_every_visual_token() -> Non
 def test_sft_loss_is_the_token_mean_over_replies_and_it_falls(toy_model_dir: Path, tmp_path: Path) -> None:
     from zoomgym.agents.scoring import token_logprobs
     from zoomgym.algorithms.build import build_agent
-    from zoomgym.algorithms.sft import SFT, encode_chat
+    from zoomgym.algorithms.sft import SFT, encode_chat, teacher_forcing_step
 
     chats_file = write_chats(tmp_path / "data", letters="B")
     cfg = sft_config(toy_model_dir, tmp_path / "run", chats_file, "sft.batch_size=4", "trainer.lr=5e-3")
@@ -161,8 +161,10 @@ def test_sft_loss_is_the_token_mean_over_replies_and_it_falls(toy_model_dir: Pat
     with torch.no_grad():
         logp, _ = token_logprobs(sft.model, sft.agent.adapter, batch)
         expected = -logp[batch["loss_mask"] > 0].mean()
-        got = sft._micro_batch_losses(sft.train_chats, examples)["sft/loss"]
-    assert torch.allclose(got, expected)
+    # One chat per micro-batch: the accumulated loss is still the token mean over all of them.
+    frozen = torch.optim.SGD(sft.model.parameters(), lr=0.0)
+    got = teacher_forcing_step(sft.agent, examples, frozen, micro_batch_size=1, grad_clip=0.0)["sft/loss"]
+    assert got == pytest.approx(float(expected), rel=1e-5)
     reply_tokens = sum(len(sft.agent.adapter.tokenizer.encode(c.reply, add_special_tokens=False)) + 1 for c in sft.train_chats)
     assert int(batch["loss_mask"].sum()) == reply_tokens
     losses = []
