@@ -9,7 +9,10 @@ zoomgym/DirectVQA-v0, which shows the same 224x224 view and asks for the letter 
 `--val-every` steps both are validated greedily on the same held-out questions (256 by default).
 
 A supervised control shows that the view carries no answer: the toy base fine-tuned by SFT to answer
-straight from the view (`toy_view_answer` chats) is scored on held-out view questions.
+straight from the view (`toy_view_answer` chats) is scored on held-out view questions. The other side
+of the visual-token comparison (``--full-resolution``, on by default, one seed): GRPO on DirectVQA with
+the view budget raised until the whole canvas is shown at the crop's resolution, where the checks are
+plain in one look.
 
 Writes under ``--out``: one run folder per algorithm and seed (metrics.jsonl, TensorBoard), the
 control's run, ``results.json`` (every curve, final means and spreads, wall times, the machine) and
@@ -30,11 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from zoomgym.envs.data.synthetic import SYNTHETIC_PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 CURVES = ("accuracy", "target_hit_ratio", "valid_box_ratio", "iou", "visual_tokens")
 """Validation metrics tabled (``val/synthetic/<name>``), the first three plotted; GRPO has no boxes."""
+
+
+CANVAS_SIDE = SYNTHETIC_PRESETS["cpu"]["canvas_size"]
+"""Side of the quickstart's synthetic canvas, in pixels."""
 
 
 def full_resolution_tokens() -> int:
@@ -43,7 +51,7 @@ def full_resolution_tokens() -> int:
     from zoomgym.agents.models.tiny import TOY_BASE_MODEL
     from zoomgym.envs.views import ViewBudget
 
-    side = 672
+    side = CANVAS_SIDE
     factor = TOY_BASE_MODEL["patch_size"] * TOY_BASE_MODEL["merge_size"]
     w, h = ViewBudget(side * side, side * side, TOY_BASE_MODEL["patch_size"], TOY_BASE_MODEL["merge_size"]).shown_size(side, side)
     return (w // factor) * (h // factor)
@@ -59,14 +67,30 @@ def curve(run_dir: Path, name: str) -> dict[int, float]:
     return out
 
 
-def train(algorithm: str, seed: int, base: Path, args: argparse.Namespace) -> dict[str, Any]:
+FULL_RESOLUTION_LOOK = "grpo-full-resolution"
+"""The run that answers in one look at the whole canvas at the crop's resolution (GRPO on DirectVQA with
+the view budget raised to the canvas), the other side of the visual-token comparison."""
+
+
+def full_resolution_overrides() -> list[str]:
+    """Config overrides of `FULL_RESOLUTION_LOOK`: the whole canvas shown at its own resolution. The
+    samples were made for the quickstart's budget, so the env's budget check is turned off on purpose."""
+    side = CANVAS_SIDE
+    return ["algorithm.name=grpo", f"model.min_pixels={side * side}", f"model.max_pixels={side * side}",
+            "env.options.check_view_budget=false"]
+
+
+def train(label: str, seed: int, base: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One RL run from the base: ``label`` is an algorithm of the quickstart, or `FULL_RESOLUTION_LOOK`."""
     from zoomgym.algorithms.config import load_config
     from zoomgym.algorithms.run import run
 
     if args.jobs > 1:
         torch.set_num_threads(1)  # one core per run: runs side by side, no oversubscription
-    run_dir = args.out / f"{algorithm}-seed{seed}"
-    overrides = [f"model.path={base}", f"algorithm.name={algorithm}", f"trainer.seed={seed}",
+    run_dir = args.out / f"{label}-seed{seed}"
+    algorithm = [] if label == FULL_RESOLUTION_LOOK else [f"algorithm.name={label}"]
+    extra = full_resolution_overrides() if label == FULL_RESOLUTION_LOOK else []
+    overrides = [f"model.path={base}", *algorithm, *extra, f"trainer.seed={seed}",
                  f"trainer.steps={args.steps}", f"trainer.val_every={args.val_every}", f"logging.run_dir={run_dir}",
                  "trainer.save_every=0", "logging.render_every=0",
                  f"logging.progress_bar={str(args.jobs == 1 and not os.environ.get('CI')).lower()}"]
@@ -126,7 +150,7 @@ def table(results: dict[str, Any]) -> str:
     lines = [f"| algorithm (env) | accuracy, step 0 | accuracy, step {results['steps']} | target-hit ratio, step 0 -> "
              f"{results['steps']} | valid-box ratio, step 0 -> {results['steps']} | IoU, step {results['steps']} | "
              "visual tokens / episode | wall time per run |", "|---|---|---|---|---|---|---|---|"]
-    envs = {"mgpo": "ZoomEnv-v0", "grpo": "DirectVQA-v0"}
+    envs = {"mgpo": "ZoomEnv-v0", "grpo": "DirectVQA-v0", FULL_RESOLUTION_LOOK: f"DirectVQA-v0, {CANVAS_SIDE} px view"}
     for algorithm, summary in results["summary"].items():
         tokens = summary.get("visual_tokens", {}).get("end", {}).get("mean")
         lines.append(
@@ -141,7 +165,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """``curves.png``: one panel per metric, a line per algorithm (mean over seeds) in its min..max band."""
     from PIL import Image, ImageDraw
 
-    colours = {"mgpo": (31, 119, 180), "grpo": (214, 39, 40)}
+    colours = {"mgpo": (31, 119, 180), "grpo": (214, 39, 40), FULL_RESOLUTION_LOOK: (44, 160, 44)}
     panel_w, panel_h, pad = 420, 300, 48
     image = Image.new("RGB", (panel_w * len(CURVES[:3]), panel_h + 30), "white")
     draw = ImageDraw.Draw(image)
@@ -184,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-items", type=int, default=256)
     parser.add_argument("--control-steps", type=int, default=100)
     parser.add_argument("--algorithms", nargs="+", default=["mgpo", "grpo"])
+    parser.add_argument("--full-resolution", action=argparse.BooleanOptionalAction, default=True,
+                        help=f"also run {FULL_RESOLUTION_LOOK} (one seed): one look at the whole canvas")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "reproduce")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side, one torch thread each")
     args = parser.parse_args(argv)
@@ -196,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, Any]]] = {a: [] for a in args.algorithms}
     rl_start = time.perf_counter()
     jobs = [(algorithm, seed) for seed in args.seeds for algorithm in args.algorithms]
+    if args.full_resolution:
+        jobs.append((FULL_RESOLUTION_LOOK, args.seeds[0]))
+        runs[FULL_RESOLUTION_LOOK] = []
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         done = list(pool.map(train, *zip(*jobs), [base] * len(jobs), [args] * len(jobs)))
     for (algorithm, _), result in zip(jobs, done):
