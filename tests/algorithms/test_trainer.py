@@ -134,6 +134,34 @@ def test_options_lora_checkpointing_bf16_tis_drgrpo(tiny_config: Callable[..., C
     assert (algo.last_checkpoint / "adapter_model.safetensors").is_file()
 
 
+def test_lora_mgpo_step_trains_only_adapters_against_the_base_as_reference(tiny_config: Callable[..., Config]) -> None:
+    """The one-GPU 7B path on the tiny model: a LoRA MGPO step moves adapter weights only, and the KL
+    reference (the same model with its adapters disabled) scores exactly as the untouched base model."""
+    pytest.importorskip("peft")
+    from transformers import AutoModelForImageTextToText
+
+    cfg = tiny_config("algorithm.name=mgpo", "model.lora.enabled=true", "model.lora.rank=4", "trainer.lr=1e-2",
+                      "trainer.val_before_train=false", "data.val=[]")
+    algo = algorithms.make("mgpo", agent=build_agent(cfg), config=cfg)
+    before = snapshot(algo.model)
+    _, trajectories = algo.train_step()
+    after = snapshot(algo.model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_B" in n for n in changed)  # B starts at 0: the adapters now change the policy
+    assert algo.reference_model is None  # no second copy of the weights
+
+    base = AutoModelForImageTextToText.from_pretrained(cfg.model.path, dtype=torch.float32).eval()
+    batch = algo.agent.collate(trajectories)
+    with torch.no_grad():
+        reference = algo._reference_logprobs(batch)
+        expected = algo.agent.token_logprobs(batch, temperature=algo.logprob_temperature, model=base)[0]
+        policy = algo.agent.token_logprobs(batch, temperature=algo.logprob_temperature)[0]
+    mask = batch["loss_mask"].bool()
+    assert torch.allclose(reference[mask], expected[mask], atol=1e-6)
+    assert (policy[mask] - expected[mask]).abs().max() > 1e-4  # the trained adapters are on outside the reference
+
+
 def test_dynamic_sampling_keeps_informative_groups(
     tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
