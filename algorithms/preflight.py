@@ -36,7 +36,7 @@ Update phase (`update_activations`), one micro-batch forward and backward:
   and o_proj's input (``b (7 h + 3 kv)``), the SwiGLU MLP its gate, activation, up and product
   (``4 b I``): ``A = 8 h + b (9 h + 3 kv + 4 I)``; the vision tower the same per patch with its widths;
 * with gradient checkpointing only each layer's input is kept (``b h`` per layer) and one layer is
-  recomputed at a time (``A`` once);
+  recomputed at a time (``A`` once); with LoRA (language model only) the frozen vision tower keeps nothing;
 * the log-probs and entropies of `agents.scoring.token_logprobs`: per token, float32 logits divided by
   T, their log-softmax, softmax, a mask and the masked logits are kept for backward: ``17 V`` bytes;
   the backward of one row adds ``8 V`` per token.
@@ -335,7 +335,8 @@ def update_activations(arch: Architecture, workload: Workload, layout: Layout) -
     """Bytes of one micro-batch's forward and backward (module docstring)."""
     b, m, length = layout.dtype_bytes, workload.micro_batch_size, workload.tokens_per_episode
     h, v = arch.hidden_size, arch.vocab_size
-    patches = workload.images_per_episode * workload.visual_tokens_per_image * arch.merge_size**2
+    # LoRA adapts the language model only: the frozen vision tower, whose input needs no gradient, keeps nothing.
+    patches = 0 if layout.lora_rank else workload.images_per_episode * workload.visual_tokens_per_image * arch.merge_size**2
     text_layer = layer_activation_bytes(h, arch.kv_dim, arch.intermediate_size, b)
     vision_layer = layer_activation_bytes(arch.vision_hidden, arch.vision_hidden, arch.vision_intermediate, b)
     if layout.gradient_checkpointing:
