@@ -103,7 +103,8 @@ def _train(args: argparse.Namespace) -> int:
         from zoomgym.algorithms.preflight import train_gate
 
         may_start, message = train_gate(cfg)
-        print(message, file=sys.stdout if may_start else sys.stderr, flush=True)
+        if not may_start or os.environ.get("RANK", "0") == "0":  # under torchrun: once per run, not per rank
+            print(message, file=sys.stdout if may_start else sys.stderr, flush=True)
         if not may_start:
             return 2
     from zoomgym.algorithms.run import run, run_sft
