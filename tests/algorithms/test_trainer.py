@@ -134,6 +134,72 @@ def test_options_lora_checkpointing_bf16_tis_drgrpo(tiny_config: Callable[..., C
     assert (algo.last_checkpoint / "adapter_model.safetensors").is_file()
 
 
+def test_lora_mgpo_step_trains_only_adapters_against_the_base_as_reference(tiny_config: Callable[..., Config]) -> None:
+    """The one-GPU 7B path on the tiny model: a LoRA MGPO step moves adapter weights only, and the KL
+    reference (the same model with its adapters disabled) scores exactly as the untouched base model."""
+    pytest.importorskip("peft")
+    from transformers import AutoModelForImageTextToText
+
+    cfg = tiny_config("algorithm.name=mgpo", "model.lora.enabled=true", "model.lora.rank=4", "trainer.lr=1e-2",
+                      "trainer.val_before_train=false", "data.val=[]")
+    algo = algorithms.make("mgpo", agent=build_agent(cfg), config=cfg)
+    before = snapshot(algo.model)
+    _, trajectories = algo.train_step()
+    after = snapshot(algo.model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_B" in n for n in changed)  # B starts at 0: the adapters now change the policy
+    assert algo.reference_model is None  # no second copy of the weights
+
+    base = AutoModelForImageTextToText.from_pretrained(cfg.model.path, dtype=torch.float32).eval()
+    batch = algo.agent.collate(trajectories)
+    with torch.no_grad():
+        reference = algo._reference_logprobs(batch)
+        expected = algo.agent.token_logprobs(batch, temperature=algo.logprob_temperature, model=base)[0]
+        policy = algo.agent.token_logprobs(batch, temperature=algo.logprob_temperature)[0]
+    mask = batch["loss_mask"].bool()
+    assert torch.allclose(reference[mask], expected[mask], atol=1e-6)
+    assert (policy[mask] - expected[mask]).abs().max() > 1e-4  # the trained adapters are on outside the reference
+
+
+def test_lora_with_a_separate_engine_samples_with_merged_weights(tiny_config: Callable[..., Config]) -> None:
+    """LoRA with a backend that does not share the model (vLLM's case, played by the hf engine over its own
+    copy): each sync hands it the weights with the adapters merged in, and it samples what the trainer scores."""
+    pytest.importorskip("peft")
+    import copy
+
+    from zoomgym.agents.backends import BACKENDS
+    from zoomgym.agents.backends.hf import HFBackend
+    from zoomgym.agents.weights import merged_state_dict
+
+    class SeparateHF(HFBackend):
+        shares_model = False
+        logprobs_match_trainer = False  # the trainer recomputes old log-probs, as with vLLM
+
+        @classmethod
+        def from_pretrained(cls, path: str, *, model: Any, adapter: Any, **settings: Any) -> HFBackend:
+            return super().from_pretrained(path, model=copy.deepcopy(model), adapter=adapter, **settings)
+
+    BACKENDS.register("test_separate_hf", SeparateHF)
+    try:
+        cfg = tiny_config("algorithm.name=mgpo", "rollout.backend=test_separate_hf", "model.lora.enabled=true",
+                          "model.lora.rank=4", "trainer.lr=1e-2", "trainer.val_before_train=false", "data.val=[]")
+        algo = algorithms.make("mgpo", agent=build_agent(cfg), config=cfg)
+        engine = algo.agent.backend.model
+        assert engine is not algo.model
+        initial = {k: v.clone() for k, v in engine.state_dict().items()}
+        algo.train_step()
+        algo.step += 1
+        merged, held = merged_state_dict(algo.model), engine.state_dict()
+        assert set(merged) == set(held) and all(torch.equal(merged[k], held[k]) for k in held)
+        moved = [k for k in held if not torch.equal(initial[k], held[k])]
+        assert moved and all("language_model" in k for k in moved)  # the adapters' deltas, nothing else
+        metrics, _ = algo.train_step()  # sampled by the engine with version 1, scored by the trainer's adapters
+        assert algo.agent.weight_version == 2 and metrics["rollout/logprob_gap_abs_max"] < 1e-4
+    finally:
+        BACKENDS.pop("test_separate_hf")
+
+
 def test_dynamic_sampling_keeps_informative_groups(
     tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
