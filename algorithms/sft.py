@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from zoomgym.agents.backends.base import GenerationRequest, SamplingParams, decode_text
 from zoomgym.agents.scoring import token_logprobs
-from zoomgym.agents.trajectory import Trajectory
+from zoomgym.agents.trajectory import Trajectory, length_sorted_batches
 from zoomgym.algorithms.build import Datasets
 from zoomgym.algorithms.checkpoint import load_trainer_state
 from zoomgym.algorithms.config import ChatSetConfig, Config
@@ -262,7 +262,7 @@ class SFT(Trainer):
         start = time.perf_counter()
         chats = self.draw(s.batch_size)
         examples = [encode_chat(chat, self.agent.adapter, self.view_budget) for chat in chats]
-        order = sorted(range(len(examples)), key=lambda i: examples[i].length)
+        micro_batches = length_sorted_batches([e.length for e in examples], t.micro_batch_size)
         total_tokens = sum(e.response_length for e in examples)
         sums = {"sft/loss": 0.0, "sft/aux_loss": 0.0, "sft/attention_loss": 0.0}
         weights = {"sft/loss": 1.0, "sft/aux_loss": s.aux_weight, "sft/attention_loss": s.attention_weight}
@@ -270,8 +270,7 @@ class SFT(Trainer):
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            for k in range(0, len(order), t.micro_batch_size):
-                part = order[k: k + t.micro_batch_size]
+            for part in micro_batches:
                 losses = self._micro_batch_losses([chats[i] for i in part], [examples[i] for i in part])
                 # Token mean over the whole step for the text loss, chat mean for the others.
                 shares = {"sft/loss": sum(examples[i].response_length for i in part) / total_tokens,
