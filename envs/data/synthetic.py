@@ -70,6 +70,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+from zoomgym.envs.data.images import map_in_threads
 from zoomgym.envs.data.sample import LETTERS, RenderedImage, Sample
 from zoomgym.envs.geometry import Box
 from zoomgym.envs.views import ViewBudget
@@ -284,10 +285,11 @@ def synthetic(
         letter_order = np.random.default_rng([seed, rank // 4, len(categories), 7]).permutation(4)
         answer_index = int(letter_order[rank % 4])
         rng = np.random.default_rng([seed, i])
-        sample = _make_sample(i, seed, category, answer_index, rng, geometry, settings, meta, option_order == "fixed")
-        if images == "pil":
-            sample = dataclasses.replace(sample, image=sample.image.render())
-        samples.append(sample)
+        samples.append(_make_sample(i, seed, category, answer_index, rng, geometry, settings, meta,
+                                    option_order == "fixed"))
+    if images == "pil":  # the draws are done; each render depends on its canvas alone
+        rendered = map_in_threads(lambda sample: sample.image.render(), samples)
+        samples = [dataclasses.replace(sample, image=image) for sample, image in zip(samples, rendered)]
     return samples
 
 
