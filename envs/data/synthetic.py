@@ -44,7 +44,9 @@ named patches) and each side exceeds one merged patch in the view, so an oracle'
 Images. ``Sample.image`` is a `SyntheticCanvas`: the list of what to draw (a few KB), which
 `load_image` renders on first use (about 10 ms for a 672 px canvas) and caches in the shared image
 cache, so a set of any size costs next to nothing until its images are shown. ``images="pil"``
-renders each image at once instead, for a caller that uses every image once (nothing cached).
+renders each image at once instead, for a caller that uses every image once (nothing cached), on a
+thread per CPU (`envs.data.images.map_in_threads`: Pillow's bicubic upsampling of the background, about
+95% of a render, releases the GIL). Either way an image's bytes depend on its seed and index alone.
 
 ``Sample.meta`` holds the generation settings (``generator`` = ``"zoomgym.synthetic"``, ``seed``,
 ``preset``, ``canvas_size``, ``view_min_pixels``, ``view_max_pixels``, ``patch_size``,
