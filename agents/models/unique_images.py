@@ -12,8 +12,9 @@ Here an image is preprocessed and encoded once, and its embeddings go to every s
    precomputed-encoder input of the Qwen-VL models), which scatters them onto the image pads as it
    does with embeddings it computes itself.
 
-Identity is exact: two images are one when their mode, size and pixel bytes are equal (the bytes are
-the dictionary key, so a hash collision is resolved by comparing them), never on provenance alone.
+Identity is exact: two images are one when their mode, size and pixel bytes are equal, never on
+provenance alone. They are looked up by a 128-bit digest of the bytes (a batch's keys stay small),
+and a match is confirmed by comparing the bytes, so not even a digest collision merges two images.
 An image object seen twice is read once. The vision tower treats every image on its own (attention
 within an image, per-image windows), so the embeddings of an image do not depend on the others in
 its batch, and gradients from every copy add up on the one computation.
@@ -21,6 +22,7 @@ its batch, and gradients from every copy add up on the one computation.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -29,24 +31,28 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
-def image_key(image: Image.Image) -> Hashable:
-    """The exact identity of an image's pixels: ``(mode, size, bytes)``."""
-    return image.mode, image.size, image.tobytes()
+def image_key(image: Image.Image, data: bytes) -> Hashable:
+    """The lookup key of an image whose pixel bytes are ``data``: mode, size and a BLAKE2b digest."""
+    return image.mode, image.size, hashlib.blake2b(data, digest_size=16).digest()
 
 
 def unique_images(images: Sequence[Image.Image]) -> tuple[list[Image.Image], list[int]]:
     """The distinct images among ``images`` in first-seen order, and for each image the position of
     its distinct image: ``images[i]`` has the pixels of ``distinct[index[i]]``."""
-    position_of: dict[Hashable, int] = {}
+    positions_of: dict[Hashable, list[int]] = {}  # key -> the distinct images with that key
     by_object: dict[int, int] = {}  # id(image) -> position: an object shown again is not read again
     distinct: list[Image.Image] = []
     index: list[int] = []
     for image in images:
         position = by_object.get(id(image))
         if position is None:
-            position = position_of.setdefault(image_key(image), len(distinct))
-            if position == len(distinct):
+            data = image.tobytes()
+            candidates = positions_of.setdefault(image_key(image, data), [])
+            position = next((j for j in candidates if distinct[j].tobytes() == data), None)
+            if position is None:
+                position = len(distinct)
                 distinct.append(image)
+                candidates.append(position)
             by_object[id(image)] = position
         index.append(position)
     return distinct, index

@@ -43,6 +43,15 @@ def test_equal_pixels_are_one_image_and_one_pixel_apart_are_two():
     assert unique_images([a, flat, grey])[1] == [0, 1, 2]
 
 
+def test_a_digest_collision_merges_nothing(monkeypatch):
+    import zoomgym.agents.models.unique_images as unique
+
+    monkeypatch.setattr(unique, "image_key", lambda image, data: "every image collides")
+    a = noise(28, 28, 3)
+    images = [a, one_pixel_off(a), noise(28, 28, 4), Image.fromarray(np.array(a)), one_pixel_off(a)]
+    assert unique.unique_images(images)[1] == [0, 1, 2, 0, 1]
+
+
 def test_unique_inputs_hold_each_distinct_image_once(tiny_agent):
     adapter = tiny_agent.adapter
     a, b = noise(112, 112, 1), noise(224, 112, 2)
