@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from zoomgym.agents.backends.base import placeholder_ids
+from zoomgym.agents.models.unique_images import with_image_features
 from zoomgym.agents.trajectory import MODEL_INPUTS
 
 
@@ -70,9 +71,10 @@ def token_logprobs(
     """Per-token log-probs of a collated batch under ``model`` (differentiable).
 
     ``logp[:, t] = log softmax(logits[:, t - 1] / temperature)[input_ids[:, t]]`` for ``t >= 1`` and 0
-    at ``t = 0`` (placeholder ids excluded, exactly as at sampling); ``entropy[:, t]`` is the entropy of
-    that same distribution. Use the sampling temperature (1 for greedy) so these match the rollout's
-    ``sampling_logprobs``.
+    at ``t = 0`` and after a row's last attended token (placeholder ids excluded, exactly as at
+    sampling); ``entropy[:, t]`` is the entropy of that same distribution. Use the sampling
+    temperature (1 for greedy) so these match the rollout's ``sampling_logprobs``. Each distinct image
+    of the batch runs through the vision tower once (`agents.models.unique_images`).
 
     Args:
         model: a Qwen-VL ``...ForConditionalGeneration`` (or a peft wrapper of it): the policy being
@@ -86,16 +88,19 @@ def token_logprobs(
         ``(logp (N, L), entropy (N, L) or None)``, float32, on the model's device.
     """
     device = next(model.parameters()).device
-    inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
+    inputs = with_image_features(model, {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch})
     hidden = model.model(**inputs, use_cache=False).last_hidden_state  # (N, L, H)
     input_ids = inputs["input_ids"]
     n, length = input_ids.shape
     logp = hidden.new_zeros((n, length), dtype=torch.float32)
     entropy = hidden.new_zeros((n, length), dtype=torch.float32) if with_entropy else None
     banned = placeholder_ids(adapter)
-    for i in range(n):  # one row of (L, V) logits at a time bounds memory for 150K vocabularies
-        z = scaled_logits(model.lm_head(hidden[i, :-1]), temperature, banned)  # (L - 1, V)
-        logp[i, 1:] = torch.log_softmax(z, dim=-1).gather(-1, input_ids[i, 1:, None])[:, 0]
+    # Each row's logits up to its last attended token: the vocabulary head skips right padding (0 there).
+    attention_mask = inputs.get("attention_mask")
+    ends = [length] * n if attention_mask is None else (attention_mask.cumsum(-1).argmax(-1) + 1).tolist()
+    for i, end in enumerate(ends):  # one row of (L, V) logits at a time bounds memory for 150K vocabularies
+        z = scaled_logits(model.lm_head(hidden[i, : end - 1]), temperature, banned)  # (end - 1, V)
+        logp[i, 1:end] = torch.log_softmax(z, dim=-1).gather(-1, input_ids[i, 1:end, None])[:, 0]
         if entropy is not None:
-            entropy[i, 1:] = entropy_from_logits(z)
+            entropy[i, 1:end] = entropy_from_logits(z)
     return logp, entropy

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from zoomgym.agents.models.unique_images import unique_image_inputs
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -89,8 +90,38 @@ class Trajectory:
         return int(self.loss_mask.sum())
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-"""Keys of a collated batch that go into the model's forward (everything the processor would return)."""
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw",
+                "image_index")
+"""Keys of a collated batch that go into the model's forward, through
+`agents.models.unique_images.with_image_features` (pixels of each distinct image once)."""
+
+
+def length_sorted_batches(lengths: Sequence[int], size: int, indices: Sequence[int] | None = None) -> list[list[int]]:
+    """``indices`` (default all of ``lengths``) in batches of ``size``, shortest first.
+
+    A collated batch is as long as its longest sequence, so batching sequences of similar length
+    leaves the least padding: with batches of a fixed size, the sorted split pads least. The sort
+    is stable (ties keep their order), so the split is a function of the lengths and the order given.
+
+    >>> length_sorted_batches([5, 1, 4, 1], 2)
+    [[1, 3], [2, 0]]
+    """
+    if size < 1:
+        raise ValueError(f"Expects a batch size >= 1, actual: {size!r}")
+    order = sorted(range(len(lengths)) if indices is None else indices, key=lambda i: lengths[i])
+    return [order[start : start + size] for start in range(0, len(order), size)]
+
+
+def padding_ratio(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+    """Share of the token positions of ``batches``' collated forwards that are padding:
+    ``1 - sum_i L_i / sum_b n_b max_(i in b) L_i`` (0 for no tokens).
+
+    >>> padding_ratio([5, 1, 4, 1], [[0, 1], [2, 3]])
+    0.5
+    """
+    positions = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches if batch)
+    tokens = sum(lengths[i] for batch in batches for i in batch)
+    return 1.0 - tokens / positions if positions else 0.0
 
 
 def collate(trajectories: Sequence[Trajectory], adapter: Any, model: Any) -> dict[str, Any]:
@@ -104,7 +135,9 @@ def collate(trajectories: Sequence[Trajectory], adapter: Any, model: Any) -> dic
     Returns:
         ``input_ids (N, L)``, ``attention_mask (N, L)``, ``position_ids (3, N, L)`` (the model's own
         M-RoPE index over each whole sequence), ``mm_token_type_ids (N, L)``, ``pixel_values``
-        (patches of every image, trajectory by trajectory), ``image_grid_thw (n_images, 3)``,
+        (patches of each distinct image once: a group's shared view is preprocessed and encoded once),
+        ``image_grid_thw (n_images, 3)`` and ``image_index (n_images,)`` (every image, trajectory by
+        trajectory, and its distinct image; `agents.models.unique_images`),
         ``loss_mask (N, L)`` float32, ``sampling_logprobs (N, L)`` float32, ``rewards (N,)``,
         ``group_ids (N,)`` int64, ``weight_versions (N,)`` int64. ``L`` is the longest sequence.
     """
@@ -121,7 +154,7 @@ def collate(trajectories: Sequence[Trajectory], adapter: Any, model: Any) -> dic
         attention_mask[i, : traj.length] = 1
         loss_mask[i, : traj.length] = traj.loss_mask.float()
         sampling_logprobs[i, : traj.length] = traj.sampling_logprobs.float()
-    pixels = adapter.image_inputs([image for traj in trajectories for image in traj.images])
+    pixels = unique_image_inputs(adapter, [image for traj in trajectories for image in traj.images])
     if pixels:
         grid = torch.cat([t.image_grid_thw for t in trajectories])
         if not torch.equal(pixels["image_grid_thw"], grid):

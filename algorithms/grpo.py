@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from zoomgym.agents.trajectory import length_sorted_batches
 from zoomgym.algorithms import core, ppo
 from zoomgym.algorithms.build import Datasets, sampling_params
 from zoomgym.algorithms.config import Config
@@ -215,10 +216,6 @@ class GRPO(Trainer):
         """Whether the sampler's log-probs serve as old log-probs: its numerics are the trainer's."""
         return bool(self.agent.backend.logprobs_match_trainer)
 
-    def _micro_batches(self, indices: Sequence[int]) -> list[list[int]]:
-        size = self.cfg.trainer.micro_batch_size
-        return [list(indices[i : i + size]) for i in range(0, len(indices), size)]
-
     def _logprobs(self, batch: dict[str, Any], model: Any, with_entropy: bool = False) -> Any:
         return self.agent.token_logprobs(batch, with_entropy=with_entropy, temperature=self.logprob_temperature,
                                          model=model)
@@ -233,7 +230,8 @@ class GRPO(Trainer):
         if not reuse or need_ref:
             self.model.eval()
             with torch.no_grad():
-                for micro in self._micro_batches(range(len(trajectories))):
+                # Scoring only: any split gives the same numbers (to rounding), so the least padded one.
+                for micro in length_sorted_batches([t.length for t in trajectories], self.cfg.trainer.micro_batch_size):
                     batch = self.agent.collate([trajectories[i] for i in micro])
                     if not reuse:
                         logp, _ = self._logprobs(batch, self.model)

@@ -8,7 +8,7 @@ model, the optimizer and the scheduler it is given::
         shuffle the N episodes (one seed per epoch) and split them into `minibatches` mini-batches
         for each mini-batch:
             denominator = the loss aggregation's count over the whole mini-batch (core.agg_denominator)
-            for each micro-batch of `micro_batch_size` episodes:
+            for each micro-batch of `micro_batch_size` episodes of similar length:
                 logp, entropy = score(micro-batch)                       forward, with gradients
                 loss = policy_loss(logp, old, A, mask)                   core.POLICY_LOSSES[policy_loss]
                        + kl_coef * agg(KL(logp, ref))                    when there is a reference
@@ -17,7 +17,10 @@ model, the optimizer and the scheduler it is given::
             clip the global gradient norm, optimizer step, scheduler step
 
 Each micro-batch's loss is divided by its mini-batch's aggregation count, so the accumulated gradient
-is exactly that of one loss over the whole mini-batch, whatever the micro-batch size (tested).
+is exactly that of one loss over the whole mini-batch, whatever the micro-batch size (tested). So the
+micro-batches can hold the mini-batch's episodes sorted by length (`agents.trajectory.length_sorted_batches`):
+each forward is padded only to the longest of episodes of similar length, and only the order in which
+the gradient accumulates changes (float rounding). ``perf/padding_ratio`` is the padding that is left.
 The maths is in `algorithms.core`; which episodes, advantages and masks go in is the algorithm's
 (`algorithms.grpo`).
 """
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from zoomgym.agents.trajectory import length_sorted_batches, padding_ratio
 from zoomgym.algorithms import core
 
 if TYPE_CHECKING:
@@ -191,12 +195,14 @@ def update(
     Returns:
         Token-weighted means of the loss stats over the step (``actor/clipfrac``, ``actor/entropy``,
         ``rollout/logprob_gap_*``, ...), per-mini-batch means of the loss terms and the gradient norm,
-        and ``actor/grad_norm_max``.
+        ``actor/grad_norm_max`` and ``perf/padding_ratio`` (of every micro-batch forward).
     """
     s = settings
     if len(epoch_seeds) != s.epochs:
         raise ValueError(f"Expects one seed per epoch ({s.epochs}), actual: {len(epoch_seeds)}")
     params = [p for p in model.parameters() if p.requires_grad]
+    lengths = [t.length for t in batch.trajectories]
+    forwards: list[list[int]] = []  # every micro-batch of the update, for its padding
     token_stats = _Average()  # token-weighted means over the whole step (clip fractions, entropy, gap)
     losses: dict[str, list[float]] = defaultdict(list)  # one value per mini-batch
     for epoch, seed in enumerate(epoch_seeds):
@@ -210,8 +216,8 @@ def update(
             optimizer.zero_grad(set_to_none=True)
             model.train()
             mb_losses: dict[str, float] = defaultdict(float)
-            for start in range(0, len(minibatch), s.micro_batch_size):
-                micro = minibatch[start : start + s.micro_batch_size].tolist()
+            for micro in length_sorted_batches(lengths, s.micro_batch_size, minibatch.tolist()):
+                forwards.append(micro)
                 # Sampler vs trainer log-probs: recomputed old log-probs cover every token; the sampler's own
                 # are compared with the first mini-batch's forward, whose weights are still those that sampled.
                 measure_gap = epoch == 0 and (mb_index == 0 or not batch.old_is_sampler)
@@ -229,6 +235,7 @@ def update(
     out = token_stats.result()
     out.update({key: float(np.mean(values)) for key, values in losses.items()})
     out["actor/grad_norm_max"] = float(np.max(losses["actor/grad_norm"]))
+    out["perf/padding_ratio"] = padding_ratio(lengths, forwards)
     return out
 
 

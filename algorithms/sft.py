@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from zoomgym.agents.backends.base import GenerationRequest, SamplingParams, decode_text
 from zoomgym.agents.scoring import token_logprobs
-from zoomgym.agents.trajectory import Trajectory
+from zoomgym.agents.trajectory import Trajectory, length_sorted_batches
 from zoomgym.algorithms.build import Datasets
 from zoomgym.algorithms.checkpoint import load_trainer_state
 from zoomgym.algorithms.config import ChatSetConfig, Config
@@ -181,12 +181,10 @@ def teacher_forcing_step(agent: Any, examples: Sequence[Trajectory], optimizer: 
         and ``sft/tokens``.
     """
     weights = dict(scaffold_weights or {})
-    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
     total_tokens = sum(e.response_length for e in examples)
     sums = {"sft/loss": 0.0, **dict.fromkeys(weights, 0.0)}
     optimizer.zero_grad(set_to_none=True)
-    for k in range(0, len(order), micro_batch_size):
-        part = order[k: k + micro_batch_size]
+    for part in length_sorted_batches([e.length for e in examples], micro_batch_size):
         batch = agent.collate([examples[i] for i in part])
         logp, _ = token_logprobs(agent.model, agent.adapter, batch)
         # Token mean over the whole step for the reply loss, example mean for the scaffold terms.

@@ -6,12 +6,14 @@ Measures, in a fresh process per variant:
   build + ``reset`` (with the image and its view already cached, as for rollouts 2..G of a group);
 * **synthetic generation** (seconds per item): ``synthetic(n, preset=...)`` alone, generation plus
   the first ``load_image`` of every item (what an env's first reset of each sample needs), and
-  ``images="pil"`` (rendered at once, where the code has it);
+  ``images="pil"`` (rendered at once, where the code has it), and the toy base's reading chats
+  (`envs.data.toy_tasks.toy_reading`: canvases, views, close-ups and token labels);
 * **memory**: bytes a 64-item train set plus a 256-item validation set of the ``cpu`` preset hold
   (``tracemalloc``, before any image is used).
 
-``--baseline REF`` also times the code at git ``REF`` (its ``envs/`` exported to a temporary folder),
-alternating the two variants round by round so that both see the same load on a shared machine.
+``--baseline REF`` also times the code at git ``REF`` (exported as an importable package tree by
+`baseline.export_ref`; the worker checks that it imports that code), alternating the two variants
+round by round so that both see the same load on a shared machine.
 
 Usage::
 
@@ -31,17 +33,17 @@ import platform
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from baseline import REPO, check_imported_from, export_ref
+
 CPU_BUDGET = {"min_pixels": 168 * 168, "max_pixels": 224 * 224}  # the `cpu` preset's view budget
 
 
-def measure(builds: int, cpu_items: int, default_items: int) -> dict[str, float]:
+def measure(builds: int, cpu_items: int, default_items: int, toy_chats: int) -> dict[str, float]:
     """One variant's numbers (seconds per env or per item; bytes)."""
     import gymnasium
     from zoomgym.envs.data import clear_image_cache, load_image, synthetic
@@ -78,6 +80,13 @@ def measure(builds: int, cpu_items: int, default_items: int) -> dict[str, float]
         except TypeError:  # code from before the option
             result[f"{preset}: generate images='pil' (s/item)"] = math.nan
 
+    from zoomgym.envs.data.toy_tasks import toy_reading
+    from zoomgym.envs.views import ViewBudget
+
+    start = time.perf_counter()
+    toy_reading(toy_chats, seed=1000, view_budget=ViewBudget(**CPU_BUDGET))
+    result["toy_reading chats (s/chat)"] = (time.perf_counter() - start) / toy_chats
+
     tracemalloc.start()
     held = synthetic(64, seed=0, preset="cpu") + synthetic(256, seed=1, preset="cpu")
     result["cpu 64 + 256 items held (bytes)"] = float(tracemalloc.get_traced_memory()[0])
@@ -86,21 +95,10 @@ def measure(builds: int, cpu_items: int, default_items: int) -> dict[str, float]
     return result
 
 
-def _export(ref: str, folder: Path) -> Path:
-    """``envs/`` as it is at git ``ref``, extracted under ``folder``."""
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "envs"], check=True, capture_output=True)
-    target = folder / "baseline"
-    target.mkdir()
-    archive_path = folder / "zoomgym.envs.tar"
-    archive_path.write_bytes(archive.stdout)
-    with tarfile.open(archive_path) as tar:
-        tar.extractall(target, filter="data")
-    return target
-
-
 def _run_variant(code_root: Path, args: argparse.Namespace) -> dict[str, float]:
-    command = [sys.executable, __file__, "--worker", "--builds", str(args.builds),
-               "--cpu-items", str(args.cpu_items), "--default-items", str(args.default_items)]
+    command = [sys.executable, __file__, "--worker", "--root", str(code_root), "--builds", str(args.builds),
+               "--cpu-items", str(args.cpu_items), "--default-items", str(args.default_items),
+               "--toy-chats", str(args.toy_chats)]
     environment = {**os.environ, "PYTHONPATH": str(code_root)}
     output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment, cwd=code_root)
     return json.loads(output.stdout.splitlines()[-1])
@@ -121,17 +119,21 @@ def main() -> None:
     parser.add_argument("--builds", type=int, default=20, help="envs built per measurement")
     parser.add_argument("--cpu-items", type=int, default=32, help="synthetic items of the cpu preset")
     parser.add_argument("--default-items", type=int, default=2, help="synthetic items of the default preset")
+    parser.add_argument("--toy-chats", type=int, default=16, help="toy reading chats")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(args.builds, args.cpu_items, args.default_items)))
+        if Path(args.root) != REPO:
+            check_imported_from(args.root)
+        print(json.dumps(measure(args.builds, args.cpu_items, args.default_items, args.toy_chats)))
         return
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
         variants = {"this checkout": REPO}
         if args.baseline:
-            variants = {args.baseline: _export(args.baseline, Path(folder)), **variants}
+            variants = {args.baseline: export_ref(args.baseline, Path(folder)), **variants}
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, root in variants.items():

@@ -34,6 +34,7 @@ from zoomgym.agents.backends.base import (
     has_stop_strings,
     placeholder_ids,
 )
+from zoomgym.agents.models.unique_images import unique_image_inputs, with_image_features
 from zoomgym.agents.scoring import next_token_logprobs
 
 
@@ -117,13 +118,13 @@ class HFBackend:
         for i, r in enumerate(requests):
             input_ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, dtype=torch.long)
             attention_mask[i, width - len(r.prompt_ids) :] = 1
-        pixels = self.adapter.image_inputs([im for r in requests for im in r.images])
+        pixels = unique_image_inputs(self.adapter, [im for r in requests for im in r.images])
         pixels = {k: v.to(device) for k, v in pixels.items()}
         inputs = self.adapter.forward_kwargs(
             self.model, input_ids.to(device), attention_mask.to(device), **pixels
         )
         next_pos = inputs["position_ids"].amax(dim=(0, 2)) + 1  # (n,): first free text position per row
-        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        out = self.model(**with_image_features(self.model, inputs), use_cache=True, logits_to_keep=1)
         cache, logits = out.past_key_values, out.logits[:, -1]
         attention_mask = inputs["attention_mask"]
 

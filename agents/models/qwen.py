@@ -323,13 +323,17 @@ class QwenVLAdapter:
 
     def forward_kwargs(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                        pixel_values: torch.Tensor | None = None,
-                       image_grid_thw: torch.Tensor | None = None) -> dict[str, Any]:
+                       image_grid_thw: torch.Tensor | None = None,
+                       image_index: torch.Tensor | None = None) -> dict[str, Any]:
         """Every input the model's forward needs, positions included, so that training and sampling
         forwards see identical inputs: ``model(**adapter.forward_kwargs(model, ...))``.
 
+        ``image_index`` comes with pixels of each distinct image once (`agents.models.unique_images`):
+        such inputs go through ``with_image_features(model, inputs)`` before the forward.
+
         Returns:
             ``input_ids``, ``attention_mask``, ``position_ids (3, B, L)``, ``mm_token_type_ids (B, L)``
-            and, with images, ``pixel_values`` and ``image_grid_thw``.
+            and, with images, ``pixel_values`` and ``image_grid_thw`` (and ``image_index`` when given).
         """
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
@@ -340,6 +344,8 @@ class QwenVLAdapter:
         if pixel_values is not None:
             kwargs["pixel_values"] = pixel_values
             kwargs["image_grid_thw"] = image_grid_thw
+        if image_index is not None:
+            kwargs["image_index"] = image_index
         return kwargs
 
 

@@ -60,10 +60,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 from PIL import ExifTags, Image
@@ -71,6 +73,8 @@ from zoomgym.envs.cache import IMAGE_CACHE, CacheInfo
 from zoomgym.envs.data.sample import ImageRef, RenderedImage, Sample
 from zoomgym.envs.data.tables import read_image_ref
 
+T = TypeVar("T")
+R = TypeVar("R")
 MAX_IMAGE_PIXELS = 16384 * 16384
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 DECODE_TILE_PIXELS = 1 << 20
@@ -144,6 +148,21 @@ class ViewSource(NamedTuple):
     image: Image.Image
     box: tuple[float, float, float, float]
     original_size: tuple[int, int]
+
+
+def map_in_threads(function: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[function(item) for item in items]`` on a thread per CPU (at most one per item).
+
+    Pillow releases the GIL while it resizes, draws and pastes, which is nearly all of rendering a
+    synthetic canvas or making a view, so such work runs in parallel. The results are the loop's, in
+    order, and an error raises as the loop's first one would (the items after it may have run).
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(len(items), cpus)
+    if workers <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(function, items))
 
 
 def set_image_cache_capacity(max_bytes: int) -> None:

@@ -44,7 +44,9 @@ named patches) and each side exceeds one merged patch in the view, so an oracle'
 Images. ``Sample.image`` is a `SyntheticCanvas`: the list of what to draw (a few KB), which
 `load_image` renders on first use (about 10 ms for a 672 px canvas) and caches in the shared image
 cache, so a set of any size costs next to nothing until its images are shown. ``images="pil"``
-renders each image at once instead, for a caller that uses every image once (nothing cached).
+renders each image at once instead, for a caller that uses every image once (nothing cached), on a
+thread per CPU (`envs.data.images.map_in_threads`: Pillow's bicubic upsampling of the background, about
+95% of a render, releases the GIL). Either way an image's bytes depend on its seed and index alone.
 
 ``Sample.meta`` holds the generation settings (``generator`` = ``"zoomgym.synthetic"``, ``seed``,
 ``preset``, ``canvas_size``, ``view_min_pixels``, ``view_max_pixels``, ``patch_size``,
@@ -70,6 +72,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+from zoomgym.envs.data.images import map_in_threads
 from zoomgym.envs.data.sample import LETTERS, RenderedImage, Sample
 from zoomgym.envs.geometry import Box
 from zoomgym.envs.views import ViewBudget
@@ -284,10 +287,11 @@ def synthetic(
         letter_order = np.random.default_rng([seed, rank // 4, len(categories), 7]).permutation(4)
         answer_index = int(letter_order[rank % 4])
         rng = np.random.default_rng([seed, i])
-        sample = _make_sample(i, seed, category, answer_index, rng, geometry, settings, meta, option_order == "fixed")
-        if images == "pil":
-            sample = dataclasses.replace(sample, image=sample.image.render())
-        samples.append(sample)
+        samples.append(_make_sample(i, seed, category, answer_index, rng, geometry, settings, meta,
+                                    option_order == "fixed"))
+    if images == "pil":  # the draws are done; each render depends on its canvas alone
+        rendered = map_in_threads(lambda sample: sample.image.render(), samples)
+        samples = [dataclasses.replace(sample, image=image) for sample, image in zip(samples, rendered)]
     return samples
 
 

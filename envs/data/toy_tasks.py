@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from zoomgym.envs.data.chats import ChatExample, register_chat_task
-from zoomgym.envs.data.images import load_image
+from zoomgym.envs.data.images import load_image, map_in_threads
 from zoomgym.envs.data.sample import LETTERS, Sample
 from zoomgym.envs.data.synthetic import COLOUR_PAIRS, FRAME_COLOURS, synthetic
 from zoomgym.envs.geometry import Box
@@ -211,7 +211,7 @@ def _reading_turn(item: _Item, rng: np.random.Generator, overview: bool) -> Turn
 def _items(n: int, seed: int, budget: ViewBudget, start: int = 0) -> list[_Item]:
     samples = synthetic(n, seed, start=start, images="pil", patch_size=budget.patch_size, merge_size=budget.merge_size,
                         view_min_pixels=budget.min_pixels, view_max_pixels=budget.max_pixels, **TOY_SYNTHETIC)
-    return [_Item(s, budget) for s in samples]
+    return map_in_threads(lambda sample: _Item(sample, budget), samples)  # the render and view resizes
 
 
 def _chat(sample_id: str, category: str, turns: list[Turn]) -> ChatExample:

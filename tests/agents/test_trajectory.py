@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from zoomgym.agents.backends.base import SamplingParams
@@ -58,3 +59,25 @@ def test_collate_rejects_grids_that_disagree_with_the_images(tiny_agent, samples
     traj.image_grid_thw = traj.image_grid_thw.flip(-1).contiguous()
     with pytest.raises(ValueError, match="grids"):
         tiny_agent.collate([traj])
+
+
+def test_length_sorted_batches_pad_least():
+    from zoomgym.agents.trajectory import length_sorted_batches, padding_ratio
+
+    lengths = [30, 10, 31, 12, 29, 11]
+    sorted_split = length_sorted_batches(lengths, 2)
+    assert sorted_split == [[1, 5], [3, 4], [0, 2]]
+    # 1 - 123 / (2 * (11 + 29 + 31)) = 1 - 123 / 142
+    assert padding_ratio(lengths, sorted_split) == pytest.approx(19 / 142)
+    in_order = [[0, 1], [2, 3], [4, 5]]
+    assert padding_ratio(lengths, in_order) == pytest.approx(1 - 123 / 180)
+    # A subset keeps its members (ties in the order given); every split of fixed size pads at least as much.
+    assert length_sorted_batches(lengths, 4, [5, 0, 1]) == [[1, 5, 0]]
+    assert length_sorted_batches([3, 3, 3], 2, [2, 0, 1]) == [[2, 0], [1]]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        order = rng.permutation(6).tolist()
+        assert padding_ratio(lengths, sorted_split) <= padding_ratio(lengths, [order[:2], order[2:4], order[4:]])
+    with pytest.raises(ValueError, match="batch size"):
+        length_sorted_batches(lengths, 0)
+    assert padding_ratio([], []) == 0.0

@@ -128,3 +128,45 @@ def test_micro_batches_accumulate_to_the_mini_batch_gradient(multi_turn: tuple[M
     assert any(float(g.abs().sum()) > 0 for g in together[1:])
     for a, b in zip(one_by_one, together):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_update_splits_mini_batches_by_length_and_reports_the_padding(multi_turn: tuple[MGPO, list]) -> None:
+    """Length-sorted micro-batches pad least and step like one forward over the mini-batch."""
+    import copy
+
+    from zoomgym.agents.trajectory import length_sorted_batches, padding_ratio
+    from zoomgym.algorithms import ppo
+
+    algo, trajectories = multi_turn
+    lengths = [t.length for t in trajectories]
+    assert len(set(lengths)) > 1
+    masks = [algo.loss_mask(t).float() for t in trajectories]
+    batch = PPOBatch(trajectories, torch.tensor([1.0, -1.0, 0.5, -0.5]), masks,
+                     [t.sampling_logprobs for t in trajectories], None, old_is_sampler=True)
+    saved = copy.deepcopy((algo.model.state_dict(), algo.optimizer.state_dict(), algo.scheduler.state_dict()))
+
+    def update(micro_batch_size: int) -> tuple[dict[str, float], list[torch.Tensor]]:
+        settings = dataclasses.replace(PPOSettings.from_config(algo.cfg), epochs=1, minibatches=1,
+                                       micro_batch_size=micro_batch_size)
+        try:
+            stats = ppo.update(batch, model=algo.model, optimizer=algo.optimizer, scheduler=algo.scheduler,
+                               score=algo._score, settings=settings, epoch_seeds=[0])
+            return stats, [p.detach() - saved[0][name] for name, p in algo.model.named_parameters()]
+        finally:
+            algo.model.load_state_dict(saved[0])
+            algo.optimizer.load_state_dict(saved[1])
+            algo.scheduler.load_state_dict(saved[2])
+
+    split, split_weights = update(2)  # weight changes of one optimizer step
+    whole, whole_weights = update(4)
+    assert split["perf/padding_ratio"] == pytest.approx(padding_ratio(lengths, length_sorted_batches(lengths, 2)))
+    assert split["perf/padding_ratio"] <= padding_ratio(lengths, [[0, 1], [2, 3]]) + 1e-12
+    assert split["perf/padding_ratio"] <= whole["perf/padding_ratio"]
+    assert whole["perf/padding_ratio"] == pytest.approx(padding_ratio(lengths, [[0, 1, 2, 3]]))
+    torch.testing.assert_close(torch.tensor(split["actor/grad_norm"]), torch.tensor(whole["actor/grad_norm"]),
+                               rtol=1e-5, atol=0)
+    # The weight changes agree; AdamW divides each gradient by its own size, so an element whose gradient
+    # is float noise may move apart by about lr: compare the whole change, not each element.
+    change = torch.cat([b.flatten() for b in whole_weights])
+    assert float(change.norm()) > 0
+    assert float((torch.cat([a.flatten() for a in split_weights]) - change).norm()) <= 1e-4 * float(change.norm())

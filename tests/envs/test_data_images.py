@@ -511,3 +511,21 @@ def test_a_rendered_image_that_cannot_be_drawn_names_itself_and_the_sample(sourc
     with pytest.raises(ImageLoadError, match=rf"sample 'bad'.*test quadrants .*{reason}") as error:
         load_image(sample_of(source, "bad"))
     assert error.value.sample_id == "bad" and error.value.source.startswith("test quadrants")
+
+
+def test_map_in_threads_is_the_loop():
+    from zoomgym.envs.data.images import map_in_threads
+
+    canvases = [Image.new("RGB", (64 + i, 48), (i, 0, 0)) for i in range(9)]
+    resized = map_in_threads(lambda image: image.resize((200, 150), Image.Resampling.BICUBIC), canvases)
+    assert [im.tobytes() for im in resized] == [im.resize((200, 150), Image.Resampling.BICUBIC).tobytes()
+                                                for im in canvases]
+
+    def fail_on_odd(i: int) -> int:
+        if i % 2:
+            raise ValueError(f"item {i}")
+        return i
+
+    with pytest.raises(ValueError, match="item 1"):
+        map_in_threads(fail_on_odd, list(range(6)))
+    assert map_in_threads(fail_on_odd, [4]) == [4] and map_in_threads(fail_on_odd, []) == []
