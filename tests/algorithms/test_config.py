@@ -172,6 +172,8 @@ def test_validate_checks_paths_before_loading(tmp_path: Path) -> None:
         ("trainer.device=gpu", "trainer.device"),
         ("model.build={builder: tiny, into: x, options: {sise: 1m}}", "model.build.options"),
         ("model.build={builder: tiyn, into: x}", "model.build.builder"),
+        ("distributed.timeout_minutes=0", "distributed.timeout_minutes"),
+        ("distributed.backend=mpi", "distributed.backend"),
     ],
 )
 def test_validate_values(tmp_path: Path, override: str, key: str) -> None:
@@ -321,3 +323,24 @@ def test_paper_configs_differ_only_where_the_algorithms_differ() -> None:
     assert [d["name"] for d in a["data.val"]] == ["vstar", "mme_realworld"]  # V* and MME-RealWorld-Lite
     assert all(not a[k] for k in ("algorithm.dynamic_sampling", "algorithm.mask_truncated", "algorithm.tis_cap",
                                   "algorithm.clip_ratio_c", "model.lora.enabled"))  # every option beyond the paper off
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["algorithm.dynamic_sampling=true"], "algorithm.dynamic_sampling"),
+        (["rollout.backend=vllm"], "rollout.backend"),
+        (["trainer.prompts_per_step=2", "trainer.mini_batch_prompts=1"], "trainer.prompts_per_step"),
+    ],
+)
+def test_under_torchrun_what_the_sharded_trainer_lacks_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[str], key: str
+) -> None:
+    """torchrun's variables make these an error naming the key; without them the same config is fine."""
+    cfg = load_config(None, [f"model.path={tiny_model_dir(tmp_path)}", "trainer.device=cpu", *overrides])
+    validate(cfg)
+    for name, value in {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost",
+                        "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape(key)):
+        validate(cfg)
