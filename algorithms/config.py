@@ -815,6 +815,9 @@ def _validate_distributed(cfg: Config) -> None:
     world = int(os.environ["WORLD_SIZE"])
     if d.backend == "nccl" and not torch.cuda.is_available():
         raise ValueError("config key 'distributed.backend': expects gloo (or auto) without CUDA, actual: nccl")
+    if d.cpu_offload and not torch.cuda.is_available():
+        raise ValueError("config key 'distributed.cpu_offload': expects false without CUDA (FSDP2 offloads from an "
+                         "accelerator to the CPU; here everything is on the CPU already), actual: true")
     if cfg.trainer.prompts_per_step < world:
         raise ValueError(
             f"config key 'trainer.prompts_per_step': expects at least one prompt per rank under torchrun "

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from zoomgym.algorithms.config import (
     Config,
@@ -331,6 +332,8 @@ def test_paper_configs_differ_only_where_the_algorithms_differ() -> None:
         (["algorithm.dynamic_sampling=true"], "algorithm.dynamic_sampling"),
         (["rollout.backend=vllm"], "rollout.backend"),
         (["trainer.prompts_per_step=2", "trainer.mini_batch_prompts=1"], "trainer.prompts_per_step"),
+        pytest.param(["distributed.cpu_offload=true"], "distributed.cpu_offload",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="offloading needs CUDA only")),
     ],
 )
 def test_under_torchrun_what_the_sharded_trainer_lacks_is_refused(
