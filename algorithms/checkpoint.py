@@ -16,10 +16,11 @@ A run under torchrun writes a **sharded** checkpoint instead (`save_sharded_chec
 names, but the weights and the optimizer state are one ``torch.distributed.checkpoint`` folder,
 ``sharded/`` (each rank writes its shards; resumable on any number of ranks, DCP reshards), next to the
 model's ``config.json``, the processor and ``trainer_state.pt``; ``zoomgym export CKPT OUT``
-(`export_checkpoint`) writes the plain ``from_pretrained`` folder from it. DCP reads its own index,
-``sharded/.metadata``, with ``pickle``: resume or export only sharded checkpoints from runs you trust.
+(`export_checkpoint`) writes the plain ``from_pretrained`` folder from it. DCP's index,
+``sharded/.metadata``, is a pickle: zoomgym reads it with an allow-list of DCP's own metadata classes,
+torch sizes, dtypes and layouts and paths (`read_sharded_index`), so it runs nothing either.
 
-Nothing in a (single-process) checkpoint is executed: ``trainer_state.pt`` is read with ``torch.load(weights_only=True)``
+Nothing in a checkpoint is executed: ``trainer_state.pt`` is read with ``torch.load(weights_only=True)``
 and torch's own allow-list, no more (tensors, numbers, strings, bools, None, lists, tuples, dicts), so
 every RNG state is stored as tensors and plain values; weights are safetensors, and the model folder's
 ``config.json`` never names remote code that zoomgym would run.
@@ -287,16 +288,67 @@ def load_sharded_state(checkpoint: str | Path, model: Any, optimizer: torch.opti
         set_state_dict,
     )
 
-    folder = Path(checkpoint) / SHARDED_DIR
+    reader = _safe_reader(Path(checkpoint) / SHARDED_DIR)
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
-        load(state, checkpoint_id=folder)
+        load(state, storage_reader=reader)
         set_model_state_dict(model, state["model"])
         return
     model_state, optimizer_state = get_state_dict(model, optimizer)  # materialises an empty optimizer's state
     state = {"model": model_state, "optimizer": optimizer_state}
-    load(state, checkpoint_id=folder)
+    load(state, storage_reader=reader)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Unpickles DCP's index and nothing else: its own metadata classes (dataclasses and enums), torch sizes,
+    dtypes and layouts, and paths. Anything else (a function to call, another class) is refused."""
+
+    _CLASS_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name) if module in (*self._CLASS_MODULES, "torch", "pathlib") else None
+        allowed = (
+            (module in self._CLASS_MODULES and isinstance(found, type))
+            or (module == "torch" and (found is torch.Size or isinstance(found, torch.dtype)))
+            or (module == "torch.serialization" and name == "_get_layout")
+            or (module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return found if found is not None else super().find_class(module, name)
+
+
+def read_sharded_index(checkpoint: str | Path) -> Any:
+    """DCP's index (``Metadata``) of a sharded checkpoint, read with `_IndexUnpickler`.
+
+    Raises:
+        ValueError: the index holds something other than DCP's metadata (refused, never run).
+    """
+    path = Path(checkpoint) / SHARDED_DIR / ".metadata"
+    try:
+        with path.open("rb") as f:
+            return _IndexUnpickler(f).load()
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"Expects {str(path)!r} to hold only DCP's checkpoint metadata (zoomgym never runs code "
+                         f"from a checkpoint), actual: {error}") from None
+
+
+def _safe_reader(folder: Path) -> Any:
+    """torch's DCP file reader of ``folder``, its index read by `read_sharded_index` (torch's own reader
+    unpickles it with no restriction)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = read_sharded_index(folder.parent)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(folder)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
@@ -317,9 +369,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"Expects OUT to be a new or empty folder, actual: {str(out)!r} holds files")
     if is_sharded(checkpoint):
-        from torch.distributed.checkpoint import FileSystemReader
-
-        names = FileSystemReader(checkpoint / SHARDED_DIR).read_metadata().state_dict_metadata
+        names = read_sharded_index(checkpoint).state_dict_metadata
         if any("lora_" in name for name in names):
             raise ValueError(f"Expects a sharded checkpoint without LoRA adapters, actual: {str(checkpoint)!r} "
                              "holds adapters (exporting them is not supported yet)")

@@ -162,3 +162,24 @@ def test_export_writes_a_plain_folder_the_processor_loads(two_ranks: tuple[Path,
     processor = load_processor(exported)
     assert processor.tokenizer("hello")["input_ids"]
     assert cli.main(["export", str(out / "straight" / "checkpoints" / "step_000002"), str(exported)]) == 2  # not empty
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("echo ran > /dev/null",))
+
+
+def test_a_sharded_index_is_read_without_running_what_it_holds(tmp_path: Path) -> None:
+    """DCP's index is a pickle; zoomgym's reader accepts DCP's metadata classes only (issue 10's rule)."""
+    import pickle
+
+    from zoomgym.algorithms.checkpoint import SHARDED_DIR, TRAINER_STATE, read_sharded_index
+
+    (tmp_path / SHARDED_DIR).mkdir()
+    (tmp_path / SHARDED_DIR / ".metadata").write_bytes(pickle.dumps(_Boom()))
+    (tmp_path / TRAINER_STATE).write_bytes(b"")
+    with pytest.raises(ValueError, match="refused global posix.system"):
+        read_sharded_index(tmp_path)
+    from zoomgym.algorithms import cli
+
+    assert cli.main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
