@@ -2,9 +2,9 @@
 
     python -m torch.distributed.run --nproc_per_node=2 tests/algorithms/distributed_worker.py MODEL_DIR OUT
 
-In order: the PPO update of a fixed batch for MGPO and GRPO (`fixed_batch_update`), a 2-step MGPO run
-checkpointing every step (`train_run`), then that run cut back to its step-1 checkpoint and resumed with
-``zoomgym train --resume``. Rank 0 writes ``OUT/results.pt``: the updates' stats and full weights, the
+In order: the PPO update of a fixed batch for MGPO and GRPO (`fixed_batch_update`), one step with mixed
+precision and activation checkpointing, a 2-step MGPO run checkpointing every step (`train_config`),
+then that run cut back to its step-1 checkpoint and resumed with ``zoomgym train --resume``. Rank 0 writes ``OUT/results.pt``: the updates' stats and full weights, the
 straight run's final weights. The test runs the same functions in one process and compares.
 """
 
@@ -71,6 +71,10 @@ def main() -> None:
     results: dict[str, Any] = {}
     for name in ("mgpo", "grpo"):
         results[f"update/{name}"] = fixed_batch_update(model_dir, out / f"update-{name}", name)
+    # bf16 compute with fp32 reduction and master weights, activations recomputed per layer and vision block
+    mixed = run(tiny_run_config(model_dir, out / "mixed", "trainer.steps=1", "data.val=[]",
+                                "model.gradient_checkpointing=true", "distributed.mixed_precision=true"))
+    results["mixed/master_dtypes"] = sorted({str(p.dtype) for p in mixed.model.parameters()})
     straight = run(train_config(model_dir, out / "straight"))
     results["straight"] = distributed.full_state_dict(straight.model)
     halves = out / "halves"

@@ -150,6 +150,16 @@ def test_two_ranks_train_as_one_process_and_resume_exactly(two_ranks: tuple[Path
 
 
 @pytest.mark.slow
+def test_mixed_precision_and_activation_checkpointing_train(two_ranks: tuple[Path, dict[str, Any]]) -> None:
+    """bf16 compute, fp32 reduction and master weights, recomputation per decoder layer and vision block:
+    a step runs and learns something (its numbers differ from fp32's: bf16 samples other tokens)."""
+    out, results = two_ranks
+    (record,) = [r for r in read_metrics(out / "mixed") if "actor/loss" in r]
+    assert record["actor/grad_norm"] > 0 and all(v is None or v == v for v in record.values())  # no NaN
+    assert results["mixed/master_dtypes"] == ["torch.float32"]
+
+
+@pytest.mark.slow
 def test_export_writes_a_plain_folder_the_processor_loads(two_ranks: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     from zoomgym.agents.models import load_processor
     from zoomgym.algorithms import cli
