@@ -40,12 +40,17 @@ ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5, -1.0, 1.0, 0.25, -0.75])
 """Fixed advantages of the 8 episodes (the random tiny model's rewards are mostly equal: zero advantages)."""
 
 
-def fixed_batch_update(model_dir: Path, run_dir: Path, name: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+CASES = {"mgpo": ["algorithm.name=mgpo"], "grpo": ["algorithm.name=grpo"],
+         "grpo-seq-mean-token-mean": ["algorithm.name=grpo", "algorithm.loss_agg=seq-mean-token-mean"]}
+"""The fixed-batch updates compared: both algorithms (token-mean), and a sequence-mean aggregation."""
+
+
+def fixed_batch_update(model_dir: Path, run_dir: Path, case: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """One `GRPO.update` of a fixed batch: every rank samples the whole batch (the same episodes: full
     weights, the same seeds), keeps its whole groups, scores them (reference log-probs for the KL term) and
     updates. Returns (the update's stats, the full updated weights; on ranks > 0 an empty dict)."""
-    cfg = tiny_run_config(model_dir, run_dir, f"algorithm.name={name}", *UPDATE)
-    algo = algorithms.make(name, agent=build_agent(cfg), config=cfg)
+    cfg = tiny_run_config(model_dir, run_dir, *CASES[case], *UPDATE)
+    algo = algorithms.make(cfg.algorithm.name, agent=build_agent(cfg), config=cfg)
     samples = algo.train_samples[: cfg.trainer.prompts_per_step]
     everything = algo.rollout(samples, cfg.rollout.group_size, greedy=False, seed=0)
     mine = distributed.shard_range(len(samples))
@@ -69,8 +74,8 @@ def main() -> None:
     model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     distributed.init_from_env(DistributedConfig(mixed_precision=False))
     results: dict[str, Any] = {}
-    for name in ("mgpo", "grpo"):
-        results[f"update/{name}"] = fixed_batch_update(model_dir, out / f"update-{name}", name)
+    for case in CASES:
+        results[f"update/{case}"] = fixed_batch_update(model_dir, out / f"update-{case}", case)
     # bf16 compute with fp32 reduction and master weights, activations recomputed per layer and vision block
     mixed = run(tiny_run_config(model_dir, out / "mixed", "trainer.steps=1", "data.val=[]",
                                 "model.gradient_checkpointing=true", "distributed.mixed_precision=true"))

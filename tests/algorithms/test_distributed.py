@@ -3,8 +3,8 @@
 One torchrun launch of tests/algorithms/distributed_worker.py (2 processes, about a minute on 2 cores)
 runs every distributed case; this module runs the same functions in one process and compares:
 
-- the PPO update of a fixed batch, MGPO and GRPO, with micro-batch accumulation and the KL reference:
-  the same losses and the same updated weights;
+- the PPO update of a fixed batch, MGPO and GRPO (token-mean; GRPO also seq-mean-token-mean), with
+  micro-batch accumulation and the KL reference: the same losses and the same updated weights;
 - a 2-step MGPO run end to end (rollouts split by groups, validation split by samples, metrics reduced):
   the same rewards and losses, the same weights;
 - sharded checkpoints: the 2-rank run cut at step 1 and resumed on 2 ranks ends bit for bit where it
@@ -27,7 +27,7 @@ import torch
 from zoomgym.algorithms.config import load_config
 from zoomgym.algorithms.logging import read_metrics
 
-from tests.algorithms.distributed_worker import fixed_batch_update, train_config
+from tests.algorithms.distributed_worker import CASES, fixed_batch_update, train_config
 
 REPO = Path(__file__).resolve().parents[2]
 RTOL, ATOL = 1e-6, 1e-7
@@ -88,12 +88,12 @@ def initial_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mgpo", "grpo"])
-def test_two_ranks_update_a_fixed_batch_as_one_process(name: str, two_ranks: tuple[Path, dict[str, Any]],
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_update_a_fixed_batch_as_one_process(case: str, two_ranks: tuple[Path, dict[str, Any]],
                                                         tiny_model_dir: Path, tmp_path: Path) -> None:
     _, results = two_ranks
-    stats, weights = results[f"update/{name}"]
-    alone_stats, alone_weights = fixed_batch_update(tiny_model_dir, tmp_path / "run", name)
+    stats, weights = results[f"update/{case}"]
+    alone_stats, alone_weights = fixed_batch_update(tiny_model_dir, tmp_path / "run", case)
     assert_same_weights(weights, alone_weights)
     for key in ("actor/pg_loss", "actor/kl", "actor/loss", "actor/entropy", "actor/clipfrac", "actor/ratio_max"):
         assert stats[key] == pytest.approx(alone_stats[key], rel=RTOL, abs=ATOL), key
