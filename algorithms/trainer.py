@@ -386,15 +386,13 @@ class Trainer:
         """Continue from a checkpoint of this run: weights, optimizer, scheduler, RNG, counters.
 
         A sharded checkpoint loads on any number of ranks, one process included; a single process's
-        checkpoint does not load under torchrun (start a distributed run from its weights instead:
-        ``model.path=CKPT``)."""
+        checkpoint loads under torchrun too (each rank reads it whole and keeps its shards)."""
         checkpoint = Path(checkpoint)
         state = load_trainer_state(checkpoint)
         if is_sharded(checkpoint):
             load_sharded_state(checkpoint, self.model, self.optimizer)  # weights and optimizer state
         elif distributed.is_distributed():
-            raise ValueError(f"Expects a sharded checkpoint to resume under torchrun, actual: {str(checkpoint)!r} was "
-                             "written by a single process (train from its weights with model.path=CHECKPOINT)")
+            self._load_whole_into_shards(checkpoint, state["optimizer"])
         else:
             self._load_weights(checkpoint)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -407,6 +405,29 @@ class Trainer:
         self.log_from_step = self.step + 1
         self.agent.sync_weights(self.step)
 
+
+    def _load_whole_into_shards(self, checkpoint: Path, optimizer_state: dict[str, Any]) -> None:
+        """A single process's checkpoint into the sharded model and optimizer (a run that goes distributed)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+        from transformers import AutoModelForImageTextToText
+
+        if self.peft_model is not None:
+            raise ValueError(f"Expects a sharded checkpoint to resume a LoRA run under torchrun, actual: "
+                             f"{str(checkpoint)!r} was written by a single process")
+        whole = StateDictOptions(full_state_dict=True)
+        loaded = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=next(self.model.parameters()).dtype)
+        set_model_state_dict(self.model, loaded.state_dict(), options=whole)
+        del loaded
+        # A single process's optimizer state is keyed by the position of each trained parameter; DCP's by name.
+        names = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        by_name = {"state": {names[i]: value for i, value in optimizer_state["state"].items()},
+                   "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                    for group in optimizer_state["param_groups"]]}
+        set_optimizer_state_dict(self.model, self.optimizer, by_name, options=whole)
 
     def _load_weights(self, checkpoint: Path) -> None:
         """The weights of a single process's checkpoint (a ``from_pretrained`` folder, or peft's with LoRA)."""

@@ -1,10 +1,10 @@
 """One rank of tests/algorithms/test_distributed.py, started by torchrun (CPU, gloo, no mixed precision)::
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/algorithms/distributed_worker.py MODEL_DIR OUT
+    python -m torch.distributed.run --nproc_per_node=2 tests/algorithms/distributed_worker.py MODEL_DIR OUT ALONE
 
 In order: the PPO update of a fixed batch for MGPO and GRPO (`fixed_batch_update`), one step with mixed
-precision and activation checkpointing, a 2-step MGPO run checkpointing every step (`train_config`),
-then that run cut back to its step-1 checkpoint and resumed with ``zoomgym train --resume``. Rank 0 writes ``OUT/results.pt``: the updates' stats and full weights, the
+precision and activation checkpointing, a 2-step MGPO run checkpointing every step (`train_config`), a
+single process's such run (ALONE) cut at step 1 and continued on 2 ranks, then the 2-rank run cut back to its step-1 checkpoint and resumed with ``zoomgym train --resume``. Rank 0 writes ``OUT/results.pt``: the updates' stats and full weights, the
 straight run's final weights. The test runs the same functions in one process and compares.
 """
 
@@ -71,7 +71,7 @@ def main() -> None:
     from zoomgym.algorithms import cli
     from zoomgym.algorithms.run import run
 
-    model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+    model_dir, out, alone = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     distributed.init_from_env(DistributedConfig(mixed_precision=False))
     results: dict[str, Any] = {}
     for case in CASES:
@@ -82,6 +82,14 @@ def main() -> None:
     results["mixed/master_dtypes"] = sorted({str(p.dtype) for p in mixed.model.parameters()})
     straight = run(train_config(model_dir, out / "straight"))
     results["straight"] = distributed.full_state_dict(straight.model)
+    # a single process's run, cut at its step-1 checkpoint, continued on 2 ranks
+    widened = out / "widened"
+    if distributed.is_main():
+        shutil.copytree(alone, widened)
+        shutil.rmtree(widened / "checkpoints" / "step_000002")
+    distributed.barrier()
+    cfg = train_config(model_dir, widened)
+    results["widened"] = distributed.full_state_dict(run(cfg, resume=True).model)
     halves = out / "halves"
     if distributed.is_main():
         torch.save(results, out / "results.pt")

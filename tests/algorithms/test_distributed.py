@@ -8,7 +8,8 @@ runs every distributed case; this module runs the same functions in one process 
 - a 2-step MGPO run end to end (rollouts split by groups, validation split by samples, metrics reduced):
   the same rewards and losses, the same weights;
 - sharded checkpoints: the 2-rank run cut at step 1 and resumed on 2 ranks ends bit for bit where it
-  ended straight; resumed in one process (resharded 2 -> 1) it ends at the same weights to rounding;
+  ended straight; resumed in one process (resharded 2 -> 1) it ends at the same weights to rounding, and
+  so does the single process's run cut at step 1 and continued on 2 ranks (1 -> 2);
   ``zoomgym export`` writes a folder that ``AutoModelForImageTextToText.from_pretrained`` and the
   processor load, holding the trained weights.
 """
@@ -39,12 +40,21 @@ gradient is itself off by ~1e-5 from the fp64 norm (measured: 1.7408719 alone, 1
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def alone(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The end-to-end run (`train_config`) in this one process, checkpointing every step."""
+    from zoomgym.algorithms.run import run
+
+    return run(train_config(tiny_model_dir, tmp_path_factory.mktemp("alone") / "run"))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_model_dir: Path, alone: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """The worker's folder and rank 0's results, after one torchrun launch of 2 processes."""
     out = tmp_path_factory.mktemp("two-ranks")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(REPO / "tests" / "algorithms" / "distributed_worker.py"), str(tiny_model_dir), str(out)]
+               str(REPO / "tests" / "algorithms" / "distributed_worker.py"), str(tiny_model_dir), str(out),
+               str(alone.run_dir)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return out, torch.load(out / "results.pt", weights_only=False)
@@ -105,13 +115,12 @@ def test_two_ranks_update_a_fixed_batch_as_one_process(case: str, two_ranks: tup
 
 
 @pytest.mark.slow
-def test_two_ranks_train_as_one_process_and_resume_exactly(two_ranks: tuple[Path, dict[str, Any]],
-                                                           tiny_model_dir: Path, tmp_path: Path) -> None:
-    from zoomgym.algorithms.checkpoint import list_checkpoints
+def test_two_ranks_train_as_one_process_and_resume_exactly(two_ranks: tuple[Path, dict[str, Any]], alone: Any,
+                                                           tmp_path: Path) -> None:
+    from zoomgym.algorithms.checkpoint import is_sharded, list_checkpoints
     from zoomgym.algorithms.run import run
 
     out, results = two_ranks
-    alone = run(train_config(tiny_model_dir, tmp_path / "alone"))
     assert_same_weights(results["straight"], {k: v.detach() for k, v in alone.model.state_dict().items()})
     two = [r for r in read_metrics(out / "straight") if "train/reward" in r]
     one = [r for r in read_metrics(alone.run_dir) if "train/reward" in r]
@@ -147,6 +156,11 @@ def test_two_ranks_train_as_one_process_and_resume_exactly(two_ranks: tuple[Path
     continued = run(cfg, resume=True)
     assert continued.step == 2
     assert_same_weights({k: v.detach() for k, v in continued.model.state_dict().items()}, results["straight"])
+
+    # the single process's run cut at step 1, continued on 2 ranks (in the worker): 1 -> 2, to rounding
+    assert_same_weights(results["widened"], results["straight"])
+    assert not is_sharded(alone.run_dir / "checkpoints" / "step_000001")
+    assert is_sharded(out / "widened" / "checkpoints" / "step_000002")
 
 
 @pytest.mark.slow
