@@ -114,10 +114,13 @@ def sampling_params(cfg: Config, *, greedy: bool, seed: int) -> SamplingParams:
 
 
 def resolve_device(device: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; anything else unchanged."""
+    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; under torchrun ``"cuda"`` is the rank's own
+    device (`algorithms.distributed.local_device`); anything else unchanged."""
+    from zoomgym.algorithms.distributed import local_device
+
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return local_device(device)
 
 
 def backend_settings(cfg: Config) -> dict[str, Any]:

@@ -12,6 +12,14 @@ Layout of ``RUN_DIR/checkpoints/step_000042/``::
 and lmms-eval load the processor as they load the source model's (with a video processor config from the
 source, where torchvision is installed). With LoRA the folder is a peft adapter over the base model.
 
+A run under torchrun writes a **sharded** checkpoint instead (`save_sharded_checkpoint`): the same folder
+names, but the weights and the optimizer state are one ``torch.distributed.checkpoint`` folder,
+``sharded/`` (each rank writes its shards; resumable on any number of ranks, DCP reshards), next to the
+model's ``config.json``, the processor and ``trainer_state.pt``; ``zoomgym export CKPT OUT``
+(`export_checkpoint`) writes the plain ``from_pretrained`` folder from it. DCP's index,
+``sharded/.metadata``, is a pickle: zoomgym reads it with an allow-list of DCP's own metadata classes,
+torch sizes, dtypes and layouts and paths (`read_sharded_index`), so it runs nothing either.
+
 Nothing in a checkpoint is executed: ``trainer_state.pt`` is read with ``torch.load(weights_only=True)``
 and torch's own allow-list, no more (tensors, numbers, strings, bools, None, lists, tuples, dicts), so
 every RNG state is stored as tensors and plain values; weights are safetensors, and the model folder's
@@ -40,6 +48,8 @@ import torch
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
+SHARDED_DIR = "sharded"
+"""The ``torch.distributed.checkpoint`` folder of a checkpoint written under torchrun."""
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _LEFTOVER = re.compile(r"^step_\d+\.(tmp|deleting)$")
 """Folders a killed save (``.tmp``) or prune (``.deleting``) left behind."""
@@ -177,16 +187,8 @@ def save_checkpoint(
     from zoomgym.agents.models import save_processor  # imports transformers: not at module import
 
     final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(final.parent)
     needed = checkpoint_bytes(model, trainer_state)
-    free = shutil.disk_usage(final.parent).free
-    if free < needed:
-        raise OSError(
-            f"Expects {_size(needed)} free to write checkpoint {str(final)!r}, actual: {_size(free)} free on its disk "
-            "(free some space, or set trainer.keep_checkpoints to keep fewer checkpoints)"
-        )
+    tmp = _prepare(final, needed)
     try:
         tmp.mkdir()
         with _without_transformers_bars():
@@ -200,13 +202,187 @@ def save_checkpoint(
             f"Expects to write checkpoint {str(final)!r} (about {_size(needed)}), actual: the write failed with "
             f"{_size(free)} free on its disk: {error}"
         ) from error
+    _publish(tmp, final, keep)
+    return final
+
+
+def _prepare(final: Path, needed: int) -> Path:
+    """The ``.tmp`` folder a checkpoint is written to (not created yet), after clearing a killed save's
+    leftovers and checking that the disk has room for ``needed`` bytes."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(final.parent)
+    free = shutil.disk_usage(final.parent).free
+    if free < needed:
+        raise OSError(
+            f"Expects {_size(needed)} free to write checkpoint {str(final)!r}, actual: {_size(free)} free on its disk "
+            "(free some space, or set trainer.keep_checkpoints to keep fewer checkpoints)"
+        )
+    return final.with_name(final.name + ".tmp")
+
+
+def _publish(tmp: Path, final: Path, keep: int) -> None:
+    """Rename a written checkpoint into place, then keep only the newest ``keep`` (0 keeps all)."""
     if final.exists():
         _delete(final)
     tmp.rename(final)
     if keep > 0:
-        for _, old in list_checkpoints(run_dir)[:-keep]:
+        for _, old in list_checkpoints(final.parent.parent)[:-keep]:
             _delete(old)
+
+
+def is_sharded(checkpoint: str | Path) -> bool:
+    """Whether a checkpoint was written by a run under torchrun (`save_sharded_checkpoint`)."""
+    return (Path(checkpoint) / SHARDED_DIR).is_dir()
+
+
+def save_sharded_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    processor: Any,
+    trainer_state: dict[str, Any],
+    keep: int = 0,
+) -> Path:
+    """Every rank of a distributed run calls it: the sharded model and optimizer state with
+    ``torch.distributed.checkpoint`` (each rank writes its own shards into ``sharded/``), and from rank 0
+    the model's ``config.json``, the processor and ``trainer_state.pt`` (without the optimizer).
+
+    `load_sharded_state` reads it back on any number of ranks (DCP reshards), a single process included;
+    ``zoomgym export`` turns it into a plain ``from_pretrained`` folder (`export_checkpoint`).
+
+    Returns:
+        The checkpoint folder (the same layout of names as `save_checkpoint`'s).
+    """
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from zoomgym.agents.models import save_processor
+    from zoomgym.algorithms import distributed
+
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    if distributed.is_main():
+        needed = _tensor_bytes(model_state) + _tensor_bytes(optimizer_state)  # global sizes: DTensors count whole
+        _prepare(final, needed).mkdir()
+    distributed.barrier()
+    save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / SHARDED_DIR)
+    if distributed.is_main():
+        model.config.save_pretrained(tmp)
+        save_processor(processor, tmp)
+        torch.save({"step": step, "world_size": distributed.world_size(), **trainer_state}, tmp / TRAINER_STATE)
+        _publish(tmp, final, keep)
+    distributed.barrier()
     return final
+
+
+def load_sharded_state(checkpoint: str | Path, model: Any, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load a `save_sharded_checkpoint`'s weights (and optimizer state) into ``model`` in place, on however
+    many ranks this run has (sharded or not: DCP reshards)."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    reader = _safe_reader(Path(checkpoint) / SHARDED_DIR)
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+        load(state, storage_reader=reader)
+        set_model_state_dict(model, state["model"])
+        return
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # materialises an empty optimizer's state
+    state = {"model": model_state, "optimizer": optimizer_state}
+    load(state, storage_reader=reader)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Unpickles DCP's index and nothing else: its own metadata classes (dataclasses and enums), torch sizes,
+    dtypes and layouts, and paths. Anything else (a function to call, another class) is refused."""
+
+    _CLASS_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name) if module in (*self._CLASS_MODULES, "torch", "pathlib") else None
+        allowed = (
+            (module in self._CLASS_MODULES and isinstance(found, type))
+            or (module == "torch" and (found is torch.Size or isinstance(found, torch.dtype)))
+            or (module == "torch.serialization" and name == "_get_layout")
+            or (module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return found if found is not None else super().find_class(module, name)
+
+
+def read_sharded_index(checkpoint: str | Path) -> Any:
+    """DCP's index (``Metadata``) of a sharded checkpoint, read with `_IndexUnpickler`.
+
+    Raises:
+        ValueError: the index holds something other than DCP's metadata (refused, never run).
+    """
+    path = Path(checkpoint) / SHARDED_DIR / ".metadata"
+    try:
+        with path.open("rb") as f:
+            return _IndexUnpickler(f).load()
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"Expects {str(path)!r} to hold only DCP's checkpoint metadata (zoomgym never runs code "
+                         f"from a checkpoint), actual: {error}") from None
+
+
+def _safe_reader(folder: Path) -> Any:
+    """torch's DCP file reader of ``folder``, its index read by `read_sharded_index` (torch's own reader
+    unpickles it with no restriction)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = read_sharded_index(folder.parent)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(folder)
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """``zoomgym export``: a plain ``from_pretrained`` folder (model and the full processor) from a checkpoint
+    of a run, sharded (`save_sharded_checkpoint`) or not, read in this one process.
+
+    Raises:
+        ValueError: ``checkpoint`` is no checkpoint folder, ``out`` holds files already, or the sharded
+            checkpoint holds LoRA adapters (not exported yet).
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from zoomgym.agents.models import load_processor, save_processor
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not (checkpoint / TRAINER_STATE).is_file():
+        raise ValueError(f"Expects a checkpoint folder holding {TRAINER_STATE} (RUN_DIR/checkpoints/step_N), "
+                         f"actual: {str(checkpoint)!r} has none")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"Expects OUT to be a new or empty folder, actual: {str(out)!r} holds files")
+    if is_sharded(checkpoint):
+        names = read_sharded_index(checkpoint).state_dict_metadata
+        if any("lora_" in name for name in names):
+            raise ValueError(f"Expects a sharded checkpoint without LoRA adapters, actual: {str(checkpoint)!r} "
+                             "holds adapters (exporting them is not supported yet)")
+        config = AutoConfig.from_pretrained(checkpoint)
+        model = AutoModelForImageTextToText.from_config(config, dtype=config.dtype)
+        load_sharded_state(checkpoint, model)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype="auto")
+    out.mkdir(parents=True, exist_ok=True)
+    with _without_transformers_bars():
+        model.save_pretrained(out)
+    save_processor(load_processor(checkpoint), out)
+    return out
 
 
 @contextlib.contextmanager

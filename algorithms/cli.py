@@ -12,6 +12,7 @@
     zoomgym eval CONFIG [key.sub=value ...] [--data SPEC]   # the config's protocol, on data.val unless --data
     zoomgym eval --agent oracle|random|replay:FILE --data synthetic:50           # scripted agents, same path
     zoomgym eval --compare OUT_A OUT_B                      # two runs, sample by sample
+    zoomgym export RUN_DIR/checkpoints/step_N OUT           # a plain from_pretrained folder (sharded or not)
     zoomgym tiny-model OUT [--size 1m|10m|50m] [--seed S]   # the offline tiny Qwen2.5-VL
     zoomgym demo [key.sub=value ...]                        # what `make demo` runs: toy base, then MGPO
 
@@ -19,6 +20,9 @@ Config errors (unknown key, wrong type, invalid YAML, missing model or dataset p
 any model is loaded, as ``zoomgym: error: ...`` with exit status 2. Options and overrides may come in any
 order (``zoomgym train CONFIG --import my_algos trainer.lr=2e-6``); ``--import`` finds modules in the
 current folder.
+
+Under ``torchrun --nproc_per_node=N -m zoomgym.algorithms.cli train CONFIG`` every process is one rank of
+one run (`algorithms.distributed`); only rank 0 prints the summary.
 """
 
 from __future__ import annotations
@@ -107,10 +111,28 @@ def _train(args: argparse.Namespace) -> int:
             print(message, file=sys.stdout if may_start else sys.stderr, flush=True)
         if not may_start:
             return 2
+    from zoomgym.algorithms import distributed
     from zoomgym.algorithms.run import run, run_sft
 
-    algo = (run_sft if args.command == "sft" else run)(cfg, resume=args.resume is not None)
-    _print_summary(algo)
+    try:
+        algo = (run_sft if args.command == "sft" else run)(cfg, resume=args.resume is not None)
+        main = distributed.is_main()
+    finally:
+        distributed.shutdown()
+    if main:
+        _print_summary(algo)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from zoomgym.algorithms.checkpoint import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out)
+    except ValueError as err:
+        print(f"zoomgym: error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} -> {out} (AutoModelForImageTextToText.from_pretrained and the processor load it)")
     return 0
 
 
@@ -250,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate a model (or a scripted agent) on a benchmark with a stated "
                                            "protocol: resumable, counterfactual zoom analysis, HTML report; --compare")
     add_eval_arguments(evaluate)
+    export = sub.add_parser("export", help="write a plain from_pretrained folder (model and processor) from a "
+                                           "checkpoint, sharded (torchrun) or not")
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="RUN_DIR/checkpoints/step_N")
+    export.add_argument("out", metavar="OUT", help="a new or empty folder")
     sub.add_parser("tiny-model", help="build the offline tiny Qwen2.5-VL (see `zoomgym tiny-model --help`)",
                    add_help=False)
     return parser
@@ -300,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _toy_base(args)
     if args.command == "preflight":
         return _preflight(args)
+    if args.command == "export":
+        return _export(args)
     return _train(args)
 
 

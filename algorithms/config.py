@@ -329,6 +329,25 @@ class SFTConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Training on several processes under ``torchrun`` (algorithms/distributed.py): the policy and the
+    reference are sharded with FSDP2, each rank plays whole groups of the global batch and the update
+    equals one process's on that batch. Ignored without torchrun. Activation checkpointing (per decoder
+    layer and vision block) is model.gradient_checkpointing."""
+
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend: "auto" is nccl with CUDA, else gloo (CPU)."""
+    mixed_precision: bool = True
+    """FSDP2 mixed precision: bf16 compute and all-gathers, fp32 gradient reduction and master weights
+    (keep model.dtype=float32 for fp32 master weights; false computes in model.dtype)."""
+    cpu_offload: bool = False
+    """Keep the sharded parameters, gradients and optimizer state in CPU memory (FSDP2 CPUOffloadPolicy):
+    less accelerator memory, slower steps."""
+    timeout_minutes: int = 30
+    """How long a collective may wait for the other ranks before the run fails."""
+
+
+@dataclass
 class LoggingConfig:
     """Where the run writes and what it shows."""
 
@@ -366,6 +385,8 @@ class Config:
     """Format warm-up before RL (off by default)."""
     sft: SFTConfig = field(default_factory=SFTConfig)
     """Supervised fine-tuning (``zoomgym sft`` only)."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Several processes under torchrun (FSDP2); ignored in a single process."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Outputs."""
 
@@ -684,6 +705,7 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:
     _validate_ranges(cfg)
     _validate_device(cfg.trainer.device)
     _validate_lora(cfg)
+    _validate_distributed(cfg)
     _validate_names(cfg)
     _validate_env_options(cfg)
     _validate_view_budget(cfg.model)
@@ -811,6 +833,41 @@ def _validate_lora(cfg: Config) -> None:
         raise ValueError(
             "config key 'model.lora.enabled': expects the peft package (pip install 'zoomgym[lora]'), "
             "actual: peft is not installed"
+        )
+
+
+def _validate_distributed(cfg: Config) -> None:
+    """The ``distributed`` section, and under torchrun what the sharded trainer supports."""
+    d = cfg.distributed
+    if d.timeout_minutes <= 0:
+        raise ValueError(f"config key 'distributed.timeout_minutes': expects a positive value, actual: {d.timeout_minutes}")
+    from zoomgym.algorithms.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return
+    import torch
+
+    world = int(os.environ["WORLD_SIZE"])
+    if d.backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("config key 'distributed.backend': expects gloo (or auto) without CUDA, actual: nccl")
+    if d.cpu_offload and not torch.cuda.is_available():
+        raise ValueError("config key 'distributed.cpu_offload': expects false without CUDA (FSDP2 offloads from an "
+                         "accelerator to the CPU; here everything is on the CPU already), actual: true")
+    if cfg.trainer.prompts_per_step < world:
+        raise ValueError(
+            f"config key 'trainer.prompts_per_step': expects at least one prompt per rank under torchrun "
+            f"({world} ranks), actual: {cfg.trainer.prompts_per_step}"
+        )
+    if cfg.algorithm.dynamic_sampling:
+        raise ValueError("config key 'algorithm.dynamic_sampling': expects false under torchrun (the ranks would "
+                         "need to agree on which groups to keep), actual: true")
+    from zoomgym.agents.backends import BACKENDS
+
+    if not BACKENDS.lookup(cfg.rollout.backend).shares_model:
+        raise ValueError(
+            "config key 'rollout.backend': expects a backend that samples with the trained model itself (hf) "
+            f"under torchrun (pushing sharded weights to a separate engine is not supported yet), actual: "
+            f"{cfg.rollout.backend}"
         )
 
 
@@ -949,8 +1006,12 @@ def validate_sft(cfg: Config) -> None:
     Raises:
         ValueError naming the key.
     """
+    from zoomgym.algorithms.distributed import launched_by_torchrun
     from zoomgym.envs.data import CHAT_TASKS
 
+    if launched_by_torchrun():
+        raise ValueError("zoomgym sft: expects a single process, actual: started by torchrun (sharded training "
+                         "is zoomgym train's)")
     s = cfg.sft
     if not s.train:
         raise ValueError("config key 'sft.train': expects at least one chat set ({task: NAME} or {path: FILE}), actual: none")

@@ -19,7 +19,9 @@ One RL step, top to bottom (``GRPO.train_step``)::
                  and push the new weights to it as version step + 1.
 
 Everything generic (optimizer, validation, logging, checkpoints, the loop) is in algorithms/trainer.py;
-the maths is in algorithms/core.py. Override :meth:`GRPO.advantages`, :meth:`GRPO.loss_mask` or
+the maths is in algorithms/core.py. Under torchrun every rank draws the same B prompts and plays its
+contiguous share of whole groups (`algorithms.distributed`), episodes seeded by their place in the global
+batch. Override :meth:`GRPO.advantages`, :meth:`GRPO.loss_mask` or
 :meth:`GRPO.collect` to make a new algorithm and register it with ``algorithms.register``.
 """
 
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from zoomgym.agents.trajectory import length_sorted_batches
-from zoomgym.algorithms import core, ppo
+from zoomgym.algorithms import core, distributed, ppo
 from zoomgym.algorithms.build import Datasets, sampling_params
 from zoomgym.algorithms.config import Config
 from zoomgym.algorithms.seeds import derive_seed
@@ -85,21 +87,23 @@ class GRPO(Trainer):
     """
 
     default_env_id = "zoomgym/DirectVQA-v0"
+    supports_distributed = True
 
     def __init__(self, agent: Any, config: Config, env_id: str | None = None, *,
                  datasets: Datasets | None = None) -> None:
         super().__init__(agent, config, env_id, datasets=datasets)
         # The sampling temperature: training log-probs are the backend's definition at the same T.
         self.logprob_temperature = sampling_params(config, greedy=False, seed=0).logprob_temperature
-        self.reference_model = self._make_reference()
 
-    def _make_reference(self) -> torch.nn.Module | None:
-        """A frozen copy of the initial policy for the KL loss; None when kl_coef is 0 or with LoRA."""
+    def make_frozen_models(self) -> list[torch.nn.Module]:
+        """``reference_model``: a frozen copy of the initial policy for the KL loss; None when kl_coef is 0
+        or with LoRA."""
+        self.reference_model: torch.nn.Module | None = None
         if self.cfg.algorithm.kl_coef == 0 or self.peft_model is not None:
-            return None
-        reference = copy.deepcopy(self.model).eval()
-        reference.requires_grad_(False)
-        return reference
+            return []
+        self.reference_model = copy.deepcopy(self.model).eval()
+        self.reference_model.requires_grad_(False)
+        return [self.reference_model]
 
     @property
     def updates_per_step(self) -> int:
@@ -130,15 +134,16 @@ class GRPO(Trainer):
         trajectories, sampled = self.collect()
         rollout_s = time.perf_counter() - start
         self.agent.sleep()  # a colocated vLLM hands its GPU memory to training (hf: frees cached blocks)
-        metrics = episode_metrics(sampled, "train")
+        episodes = distributed.gather_episodes(sampled)  # every rank's: the metrics are of the global batch
+        metrics = episode_metrics(episodes, "train")
         metrics["time/env_s"] = self.env_seconds
         metrics["time/generation_s"] = rollout_s - self.env_seconds
-        generated = sum(t.response_length for t in sampled)
+        generated = sum(t.response_length for t in episodes)
         metrics["perf/generated_tokens_per_s"] = generated / max(metrics["time/generation_s"], 1e-9)
         if a.dynamic_sampling:
             metrics["train/dynamic_sampling_kept_ratio"] = len(trajectories) / max(len(sampled), 1)
 
-        if trajectories:
+        if distributed.all_sum(len(trajectories)):
             start = time.perf_counter()
             rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
             group_ids = torch.tensor([t.group_id for t in trajectories], dtype=torch.long)
@@ -150,10 +155,11 @@ class GRPO(Trainer):
             start = time.perf_counter()
             metrics.update(self.update(batch))
             metrics["time/training_s"] = time.perf_counter() - start
-            processed = a.ppo_epochs * sum(t.length for t in trajectories)
+            processed = a.ppo_epochs * distributed.all_sum(sum(t.length for t in trajectories))
             metrics["perf/train_tokens_per_s"] = processed / max(metrics["time/training_s"], 1e-9)
-            metrics["train/advantage_abs_mean"] = float(advantages.abs().mean())
-            metrics["train/trained_tokens"] = float(sum(float(m.sum()) for m in masks) / len(masks))
+            metrics["train/advantage_abs_mean"] = distributed.mean_over_ranks(advantages.abs())
+            trained = torch.tensor([float(m.sum()) for m in masks], dtype=torch.float64)
+            metrics["train/trained_tokens"] = distributed.mean_over_ranks(trained)
         self.agent.wake_up()
         self.agent.sync_weights(self.step + 1)
         return metrics, sampled
@@ -189,9 +195,11 @@ class GRPO(Trainer):
         sampled: list[Trajectory] = []
         rounds = a.dynamic_sampling_max_rounds if a.dynamic_sampling else 1
         for round_index in range(rounds):
-            samples = self.next_prompts(t.prompts_per_step)
-            batch = self.rollout(samples, r.group_size, greedy=False,
-                                 seed=derive_seed(t.seed, self.step, 1, round_index))
+            samples = self.next_prompts(t.prompts_per_step)  # the same B prompts on every rank
+            mine = distributed.shard_range(len(samples))  # this rank's whole groups
+            batch = self.rollout([samples[i] for i in mine], r.group_size, greedy=False,
+                                 seed=derive_seed(t.seed, self.step, 1, round_index),
+                                 first_episode=mine.start * r.group_size)
             stale = sorted({tr.weight_version for tr in batch} - {self.step})
             if stale:
                 raise RuntimeError(
@@ -217,8 +225,8 @@ class GRPO(Trainer):
         return bool(self.agent.backend.logprobs_match_trainer)
 
     def _logprobs(self, batch: dict[str, Any], model: Any, with_entropy: bool = False) -> Any:
-        return self.agent.token_logprobs(batch, with_entropy=with_entropy, temperature=self.logprob_temperature,
-                                         model=model)
+        return distributed.call_as_forward(model, self.agent.token_logprobs, batch, with_entropy=with_entropy,
+                                           temperature=self.logprob_temperature, model=model)
 
     def make_batch(self, trajectories: Sequence[Trajectory], advantages: torch.Tensor,
                    masks: list[torch.Tensor]) -> ppo.PPOBatch:
@@ -229,8 +237,8 @@ class GRPO(Trainer):
         ref: list[Any] = [None] * len(trajectories)
         if not reuse or need_ref:
             self.model.eval()
-            with torch.no_grad():
-                # Scoring only: any split gives the same numbers (to rounding), so the least padded one.
+            # Gathered: the ranks hold different numbers of episodes, so of forwards.
+            with torch.no_grad(), distributed.gathered(self.model, self.reference_model):
                 for micro in length_sorted_batches([t.length for t in trajectories], self.cfg.trainer.micro_batch_size):
                     batch = self.agent.collate([trajectories[i] for i in micro])
                     if not reuse:

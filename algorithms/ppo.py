@@ -21,12 +21,19 @@ is exactly that of one loss over the whole mini-batch, whatever the micro-batch 
 micro-batches can hold the mini-batch's episodes sorted by length (`agents.trajectory.length_sorted_batches`):
 each forward is padded only to the longest of episodes of similar length, and only the order in which
 the gradient accumulates changes (float rounding). ``perf/padding_ratio`` is the padding that is left.
+
+Under torchrun each rank holds its share of the episodes (`algorithms.distributed`): the shuffle is of
+the global batch (the same seed on every rank), each rank trains the episodes of each mini-batch that it
+holds, the denominator is summed over ranks and FSDP sums the gradients, so N ranks take the step one
+process takes on the whole batch (tested). A rank with fewer micro-batches in a mini-batch runs
+zero-weight ones: a sharded forward/backward is a collective that every rank must join.
 The maths is in `algorithms.core`; which episodes, advantages and masks go in is the algorithm's
 (`algorithms.grpo`).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from zoomgym.agents.trajectory import length_sorted_batches, padding_ratio
-from zoomgym.algorithms import core
+from zoomgym.algorithms import core, distributed
 
 if TYPE_CHECKING:
     from zoomgym.agents.trajectory import Trajectory
@@ -128,8 +135,12 @@ def micro_batch_loss(
     settings: PPOSettings,
     denominator: torch.Tensor,
     measure_gap: bool,
+    zero_weight: bool = False,
 ) -> tuple[dict[str, float], dict[str, Any], float]:
     """Forward and backward of one micro-batch (the episodes ``micro`` of ``batch``).
+
+    ``zero_weight``: a pass whose loss mask is all zero (its gradient is exactly 0), for a rank that has
+    run out of episodes in a mini-batch while other ranks still train (module docstring).
 
     Returns:
         (its shares of the mini-batch's loss terms, token-mean stats, its number of loss tokens).
@@ -138,6 +149,8 @@ def micro_batch_loss(
     logp, entropy, sampler = score([batch.trajectories[i] for i in micro])  # (n, L) each
     device, length = logp.device, logp.shape[1]
     mask = right_pad([batch.masks[i] for i in micro], length, device)  # (n, L)
+    if zero_weight:
+        mask = torch.zeros_like(mask)
     # Untrained positions may hold -inf (image-pad tokens the model can never emit). core's losses select
     # them away already; zeroing them here also keeps kl_penalty, which takes no mask, finite everywhere.
     trained = mask > 0
@@ -205,33 +218,45 @@ def update(
     forwards: list[list[int]] = []  # every micro-batch of the update, for its padding
     token_stats = _Average()  # token-weighted means over the whole step (clip fractions, entropy, gap)
     losses: dict[str, list[float]] = defaultdict(list)  # one value per mini-batch
+    shard = distributed.batch_shard(len(batch))  # this rank's episodes in the global batch (all of it in one process)
     for epoch, seed in enumerate(epoch_seeds):
-        order = np.random.default_rng(seed).permutation(len(batch))
-        for mb_index, minibatch in enumerate(np.array_split(order, s.minibatches)):
-            if len(minibatch) == 0:
+        order = np.random.default_rng(seed).permutation(shard.total)
+        for mb_index, global_minibatch in enumerate(np.array_split(order, s.minibatches)):
+            if len(global_minibatch) == 0:
                 continue
-            longest = max(int(batch.masks[i].shape[0]) for i in minibatch)
+            minibatch = np.asarray(shard.local(global_minibatch), dtype=np.int64)  # this rank's, in shuffled order
+            longest = max((int(batch.masks[i].shape[0]) for i in minibatch), default=0)
             mb_mask = right_pad([batch.masks[i] for i in minibatch], longest, torch.device("cpu"))
-            denominator = core.agg_denominator(mb_mask, s.loss_agg)
+            denominator = distributed.all_sum(core.agg_denominator(mb_mask, s.loss_agg))
             optimizer.zero_grad(set_to_none=True)
             model.train()
             mb_losses: dict[str, float] = defaultdict(float)
-            for micro in length_sorted_batches(lengths, s.micro_batch_size, minibatch.tolist()):
-                forwards.append(micro)
+            micros = length_sorted_batches(lengths, s.micro_batch_size, minibatch.tolist())
+            for index in range(distributed.all_max(len(micros))):
+                zero_weight = index >= len(micros)
+                if zero_weight and len(batch) == 0:
+                    raise RuntimeError(f"Expects every rank to hold episodes of the step, actual: rank "
+                                       f"{distributed.rank()} has none (all of its groups were skipped)")
+                micro = [0] if zero_weight else micros[index]
+                if not zero_weight:
+                    forwards.append(micro)
                 # Sampler vs trainer log-probs: recomputed old log-probs cover every token; the sampler's own
                 # are compared with the first mini-batch's forward, whose weights are still those that sampled.
-                measure_gap = epoch == 0 and (mb_index == 0 or not batch.old_is_sampler)
-                parts, stats, tokens = micro_batch_loss(batch, micro, score, s, denominator, measure_gap)
-                for key, value in parts.items():
+                measure_gap = epoch == 0 and (mb_index == 0 or not batch.old_is_sampler) and not zero_weight
+                parts, stats, tokens = micro_batch_loss(batch, micro, score, s, denominator, measure_gap,
+                                                        zero_weight=zero_weight)
+                for key, value in parts.items():  # 0 from a zero-weight pass: every rank sums the same keys
                     mb_losses[key] += value
-                token_stats.add(stats, tokens)
+                if not zero_weight:
+                    token_stats.add(stats, tokens)
             grad_clip = s.grad_clip if s.grad_clip > 0 else float("inf")
-            losses["actor/grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, grad_clip)))
+            losses["actor/grad_norm"].append(distributed.full_norm(torch.nn.utils.clip_grad_norm_(params, grad_clip)))
             optimizer.step()
             scheduler.step()
             for key, value in mb_losses.items():
-                losses[key].append(value)
+                losses[key].append(distributed.all_sum(value))  # each rank's share of the mini-batch's loss
     model.eval()
+    token_stats.reduce_over_ranks()
     out = token_stats.result()
     out.update({key: float(np.mean(values)) for key, values in losses.items()})
     out["actor/grad_norm_max"] = float(np.max(losses["actor/grad_norm"]))
@@ -257,6 +282,20 @@ class _Average:
             else:
                 self.sums[key] += value * weight
                 self.weights[key] += weight
+
+    def reduce_over_ranks(self) -> None:
+        """Make these the averages of every rank's stats together (no-op in a single process)."""
+        if not distributed.is_distributed():
+            return
+        keys = sorted(set().union(*distributed.all_gather_object({*self.sums, *self.extremes})))  # every rank's
+        for key in keys:
+            if key.endswith("_max"):
+                self.extremes[key] = distributed.all_max(self.extremes.get(key, -math.inf))
+            elif key.endswith("_min"):
+                self.extremes[key] = distributed.all_min(self.extremes.get(key, math.inf))
+            else:
+                self.sums[key] = distributed.all_sum(self.sums.get(key, 0.0))
+                self.weights[key] = distributed.all_sum(self.weights.get(key, 0.0))
 
     def result(self) -> dict[str, float]:
         means = {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}

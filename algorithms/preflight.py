@@ -397,15 +397,17 @@ def config_layout(cfg: Config, world_size: int, capacity: int) -> Layout:
     """The `Layout` a config runs with on ``world_size`` ranks of ``capacity`` bytes each.
 
     More than one rank means FSDP (the only multi-process path): the state is fully sharded, with
-    mixed precision (float32 master weights, bfloat16 compute) when ``model.dtype`` is bfloat16.
+    mixed precision (float32 master weights, bfloat16 compute) when ``distributed.mixed_precision`` is on
+    and ``model.dtype`` is float32, and in host memory with ``distributed.cpu_offload``.
     """
     lora = cfg.model.lora
     shard = world_size > 1
+    mixed_precision = shard and cfg.distributed.mixed_precision and cfg.model.dtype == "float32"
     vllm = cfg.rollout.vllm
     uses_vllm = cfg.rollout.backend == "vllm"
     return Layout(
-        world_size=world_size, shard=shard, mixed_precision=shard and cfg.model.dtype == "bfloat16",
-        dtype_bytes=DTYPE_BYTES[cfg.model.dtype], gradient_checkpointing=cfg.model.gradient_checkpointing,
+        world_size=world_size, shard=shard, cpu_offload=shard and cfg.distributed.cpu_offload,
+        mixed_precision=mixed_precision, dtype_bytes=2 if mixed_precision else DTYPE_BYTES[cfg.model.dtype], gradient_checkpointing=cfg.model.gradient_checkpointing,
         lora_rank=lora.rank if lora.enabled else 0, lora_targets=tuple(lora.target_modules),
         reference_copy=cfg.algorithm.kl_coef > 0,
         rollout_share_bytes=int(vllm.gpu_memory_utilization * capacity) if uses_vllm else 0,

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from zoomgym.algorithms import distributed
 from zoomgym.algorithms.build import (
     build_agent,
     env_factory,
@@ -39,12 +40,16 @@ def run(cfg: Config, resume: bool = False) -> Any:
             first checkpoint starts again from step 0 in its folder (what it logged is superseded, not
             deleted: `algorithms.logging`).
 
+    Under ``torchrun`` this process is one rank of the run (`algorithms.distributed`): the process group is
+    started here, and the trainer shards, splits and reduces.
+
     Returns:
         The trained algorithm (``algo.run_dir``, ``algo.last_validation``, ...).
     """
     from zoomgym import algorithms
 
     validate_config(cfg)
+    distributed.init_from_env(cfg.distributed)
     checkpoint = _resume_point(cfg, resume)
     datasets = load_datasets(cfg)  # every image header checked: a bad dataset fails before the model loads
     seed_everything(cfg.trainer.seed)
@@ -90,7 +95,8 @@ def _resume_point(cfg: Config, resume: bool) -> Any:
     """The checkpoint a resumed run continues from (None for a fresh run, or one killed before its first)."""
     check_run_dir(cfg, resume)
     checkpoint = latest_checkpoint(cfg.logging.run_dir or "") if resume else None
-    if resume and checkpoint is None:
+    distributed.barrier()  # every rank has looked at the run folder before rank 0 writes into it
+    if resume and checkpoint is None and distributed.is_main():
         print(f"{cfg.logging.run_dir}: no checkpoint in {CHECKPOINTS_DIR}/ yet; starting the run again from step 0")
     return checkpoint
 
@@ -101,7 +107,8 @@ def _continue(algo: Any, resume: bool, checkpoint: Any) -> None:
         algo.log_from_step = 0
     if checkpoint is not None:
         algo.load_checkpoint(checkpoint)
-        print(f"resuming {algo.run_dir} from step {algo.step}")
+        if distributed.is_main():
+            print(f"resuming {algo.run_dir} from step {algo.step}")
 
 
 def _learn(algo: Any, cfg: Config) -> Any:

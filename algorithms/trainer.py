@@ -24,6 +24,11 @@ Determinism: every random draw of step ``s`` (prompt order, sampling, mini-batch
 seeds derived from ``(trainer.seed, s)`` (`algorithms.seeds`), and a checkpoint holds optimizer,
 scheduler, RNG states and counters, so N steps straight and N/2 + ``--resume`` + N/2 give identical
 weights on CPU.
+
+Under ``torchrun`` (`algorithms.distributed`) the model and the trainer's frozen copies are sharded with
+FSDP2, rollouts and validation run on the weights gathered on every rank, each rank plays its share of
+the samples, metrics are reduced over ranks, checkpoints are sharded, and only rank 0 writes the run
+folder. A trainer opts in with ``supports_distributed`` (its update must use global denominators).
 """
 
 from __future__ import annotations
@@ -37,8 +42,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
+from zoomgym.algorithms import distributed
 from zoomgym.algorithms.build import Datasets, env_factory, env_id_of, load_datasets, sampling_params
-from zoomgym.algorithms.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from zoomgym.algorithms.checkpoint import (
+    is_sharded,
+    load_sharded_state,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+    set_rng_state,
+)
 from zoomgym.algorithms.config import RUN_CONFIG_FILE, Config, LoraConfig, ModelConfig, save_config
 from zoomgym.algorithms.logging import RunLogger
 from zoomgym.algorithms.seeds import VALIDATION_STREAM, derive_seed, seed_everything
@@ -145,6 +159,9 @@ class Trainer:
     """Whether ``logging.render_every`` replays the step's trajectories in envs (not for chats)."""
     progress_metrics: ClassVar[dict[str, str]] = {"reward": "train/reward", "loss": "actor/loss"}
     """Shown on the progress bar: label -> metric key."""
+    supports_distributed: ClassVar[bool] = False
+    """Whether the trainer trains under torchrun: its step splits the batch and reduces its losses over
+    ranks (`algorithms.distributed`)."""
 
     def __init__(self, agent: Any, config: Config, env_id: str | None = None, *,
                  datasets: Datasets | None = None) -> None:
@@ -157,17 +174,24 @@ class Trainer:
         self.last_validation: dict[str, float] = {}
         self.last_checkpoint: Path | None = None
         self._validated_step: int | None = None
-        self._logger: RunLogger | None = None
+        self._logger: RunLogger | SilentLogger | None = None
         self.log_from_step: int | None = None
         self.unreadable = UnreadableImages()
         self.env_seconds = 0.0  # time spent inside env reset/step, accumulated by the envs of `env_fn`
 
         datasets = datasets if datasets is not None else load_datasets(config)
         self.train_samples, self.val_sets = datasets.train, datasets.val
-        self.run_dir = Path(config.logging.run_dir or default_run_dir(config))
+        self.run_dir = Path(distributed.from_main(config.logging.run_dir or default_run_dir(config)))
 
         self.model = agent.model
         self.peft_model = prepare_model(self.model, config.model)
+        frozen = self.make_frozen_models()
+        if distributed.is_distributed():
+            if not self.supports_distributed:
+                raise RuntimeError(f"Expects a trainer that supports torchrun (supports_distributed), actual: "
+                                   f"{type(self).__name__} trains in a single process only")
+            for module in (self.model, *frozen):
+                distributed.shard_model(module, config.distributed)
         trainable = [p for p in self.model.parameters() if p.requires_grad] + self.extra_parameters()
         t = config.trainer
         self.optimizer = torch.optim.AdamW(
@@ -176,6 +200,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     # -- what a trainer implements ------------------------------------------------------------------------
+
+    def make_frozen_models(self) -> list[torch.nn.Module]:
+        """Frozen copies of the initial model the trainer keeps (GRPO: its KL reference), made before the
+        model is sharded and sharded like it; none by default."""
+        return []
 
     def extra_parameters(self) -> list[torch.nn.Parameter]:
         """Trained parameters outside the model (e.g. SFT's training-only heads); none by default."""
@@ -206,8 +235,11 @@ class Trainer:
         return 1.0
 
     @property
-    def logger(self) -> RunLogger:
-        """The run's logger; the first use creates the run directory and writes the resolved config."""
+    def logger(self) -> RunLogger | SilentLogger:
+        """The run's logger; the first use creates the run directory and writes the resolved config (on rank
+        0 only: the other ranks of a distributed run get a logger that writes nothing)."""
+        if self._logger is None and not distributed.is_main():
+            self._logger = SilentLogger()
         if self._logger is None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / RUN_CONFIG_FILE)
@@ -226,7 +258,7 @@ class Trainer:
         if self.step == 0 and t.val_before_train and self.val_sets and self._validated_step != 0:
             self.validate()
         last = self.step + num_steps
-        bar = progress_bar(num_steps, enabled=log.progress_bar, initial_step=self.step)
+        bar = progress_bar(num_steps, enabled=log.progress_bar and distributed.is_main(), initial_step=self.step)
         for _ in range(num_steps):
             seed_everything(derive_seed(t.seed, self.step, 0))
             lr = self.scheduler.get_last_lr()[0]  # the rate of this step's first optimizer step
@@ -239,7 +271,8 @@ class Trainer:
             logger.log(self.step, metrics)
             bar.update(1)
             bar.set_postfix({label: f"{metrics.get(key, float('nan')):.4f}" for label, key in self.progress_metrics.items()})
-            if self.renders_episodes and log.render_every and self.step % log.render_every == 0:
+            if (self.renders_episodes and log.render_every and self.step % log.render_every == 0
+                    and distributed.is_main()):  # rank 0's own episodes: distinct samples enough to show
                 self.render(distinct_samples(trajectories, log.render_count))
             if self.val_sets and (self.step == last or (t.val_every and self.step % t.val_every == 0)):
                 self.validate()
@@ -261,18 +294,26 @@ class Trainer:
         ``env_seconds``."""
         return _TimedEnv(env_factory(self.cfg, self.env_id, self.agent, render=render)(sample), self)
 
-    def rollout(self, samples: Sequence[Sample], group_size: int, *, greedy: bool, seed: int) -> list[Trajectory]:
-        """``group_size`` episodes of every sample through the agent's backend (group_id = sample index)."""
+    def rollout(self, samples: Sequence[Sample], group_size: int, *, greedy: bool, seed: int,
+                first_episode: int = 0) -> list[Trajectory]:
+        """``group_size`` episodes of every sample through the agent's backend (group_id = sample index).
+
+        Episodes are seeded by their index ``first_episode + b * G + g``: a rank playing its share of a
+        global batch passes the position of its first episode in it, and samples what one process would.
+        """
         self.model.eval()
-        with torch.no_grad():
+        episode_ids = range(first_episode, first_episode + len(samples) * group_size)
+        with torch.no_grad(), distributed.gathered(self.model):
             return self.agent.rollout(
                 samples, group_size, env=self.env_fn, sampling=sampling_params(self.cfg, greedy=greedy, seed=seed),
                 context_budget=self.cfg.rollout.max_context_tokens, on_image_error=self.unreadable,
+                episode_ids=episode_ids,
             )
 
     def validate(self) -> dict[str, float]:
         """Greedy episodes on every validation set; logs ``val/<set>/...`` at the current step, and the
-        first ``logging.render_count`` episodes of each set in words (`algorithms.logging.RunLogger.log_samples`)."""
+        first ``logging.render_count`` episodes of each set in words (`algorithms.logging.RunLogger.log_samples`).
+        Under torchrun each rank plays its share of every set and the metrics are of all of them."""
         from zoomgym.agents.metrics import episode_metrics
         from zoomgym.envs.render import episode_text
 
@@ -280,9 +321,12 @@ class Trainer:
         start = time.perf_counter()
         for name, samples in self.val_sets.items():
             self.unreadable.count = 0
-            trajectories = self.rollout(samples, 1, greedy=True, seed=validation_seed(self.cfg))
+            mine = distributed.shard_range(len(samples))
+            played = self.rollout([samples[i] for i in mine], 1, greedy=True, seed=validation_seed(self.cfg),
+                                  first_episode=mine.start)
+            trajectories = distributed.gather_episodes(played)
             metrics.update(episode_metrics(trajectories, f"val/{name}"))
-            metrics[f"val/{name}/skipped_samples"] = float(self.unreadable.count)
+            metrics[f"val/{name}/skipped_samples"] = float(distributed.all_sum(self.unreadable.count))
             by_id = {sample.id: sample for sample in samples}
             records = [{"sample_id": t.sample_id, "reward": t.reward, "answer": t.infos[-1].get("answer"),
                         "truth": by_id[t.sample_id].answer, "turns": list(t.actions),
@@ -309,9 +353,9 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------------------
 
     def trainer_state(self) -> dict[str, Any]:
-        """What a checkpoint holds besides the weights."""
+        """What a checkpoint holds besides the weights (and, when sharded, the optimizer state)."""
         return {
-            "optimizer": self.optimizer.state_dict(),
+            **({} if distributed.is_distributed() else {"optimizer": self.optimizer.state_dict()}),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
             "prompts_drawn": self.prompts_drawn,
@@ -320,7 +364,14 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Checkpoint the current step (``from_pretrained``-loadable model and processor + trainer state)."""
+        """Checkpoint the current step (``from_pretrained``-loadable model and processor + trainer state;
+        under torchrun sharded, every rank writing its shards: `algorithms.checkpoint.save_sharded_checkpoint`)."""
+        if distributed.is_distributed():
+            self.last_checkpoint = save_sharded_checkpoint(
+                self.run_dir, self.step, model=self.model, optimizer=self.optimizer, processor=self.agent.processor,
+                trainer_state=self.trainer_state(), keep=self.cfg.trainer.keep_checkpoints,
+            )
+            return self.last_checkpoint
         self.last_checkpoint = save_checkpoint(
             self.run_dir,
             self.step,
@@ -332,21 +383,19 @@ class Trainer:
         return self.last_checkpoint
 
     def load_checkpoint(self, checkpoint: str | Path) -> None:
-        """Continue from a checkpoint of this run: weights, optimizer, scheduler, RNG, counters."""
+        """Continue from a checkpoint of this run: weights, optimizer, scheduler, RNG, counters.
+
+        A sharded checkpoint loads on any number of ranks, one process included; a single process's
+        checkpoint loads under torchrun too (each rank reads it whole and keeps its shards)."""
         checkpoint = Path(checkpoint)
         state = load_trainer_state(checkpoint)
-        if self.peft_model is not None:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(self.peft_model, load_file(checkpoint / "adapter_model.safetensors"))
+        if is_sharded(checkpoint):
+            load_sharded_state(checkpoint, self.model, self.optimizer)  # weights and optimizer state
+        elif distributed.is_distributed():
+            self._load_whole_into_shards(checkpoint, state["optimizer"])
         else:
-            # A fresh from_pretrained load maps the saved names back onto the model's own (transformers may
-            # rename keys on save); copying its state keeps the agent's and backend's references valid.
-            loaded = type(self.model).from_pretrained(checkpoint, dtype=next(self.model.parameters()).dtype)
-            self.model.load_state_dict(loaded.state_dict())
-            del loaded
-        self.optimizer.load_state_dict(state["optimizer"])
+            self._load_weights(checkpoint)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
@@ -355,6 +404,44 @@ class Trainer:
         self._validated_step = self.step  # the interrupted run validated here already if it was due
         self.log_from_step = self.step + 1
         self.agent.sync_weights(self.step)
+
+
+    def _load_whole_into_shards(self, checkpoint: Path, optimizer_state: dict[str, Any]) -> None:
+        """A single process's checkpoint into the sharded model and optimizer (a run that goes distributed)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+        from transformers import AutoModelForImageTextToText
+
+        if self.peft_model is not None:
+            raise ValueError(f"Expects a sharded checkpoint to resume a LoRA run under torchrun, actual: "
+                             f"{str(checkpoint)!r} was written by a single process")
+        whole = StateDictOptions(full_state_dict=True)
+        loaded = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=next(self.model.parameters()).dtype)
+        set_model_state_dict(self.model, loaded.state_dict(), options=whole)
+        del loaded
+        # A single process's optimizer state is keyed by the position of each trained parameter; DCP's by name.
+        names = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        by_name = {"state": {names[i]: value for i, value in optimizer_state["state"].items()},
+                   "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                    for group in optimizer_state["param_groups"]]}
+        set_optimizer_state_dict(self.model, self.optimizer, by_name, options=whole)
+
+    def _load_weights(self, checkpoint: Path) -> None:
+        """The weights of a single process's checkpoint (a ``from_pretrained`` folder, or peft's with LoRA)."""
+        if self.peft_model is not None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(self.peft_model, load_file(checkpoint / "adapter_model.safetensors"))
+            return
+        # A fresh from_pretrained load maps the saved names back onto the model's own (transformers may
+        # rename keys on save); copying its state keeps the agent's and backend's references valid.
+        loaded = type(self.model).from_pretrained(checkpoint, dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(loaded.state_dict())
+        del loaded
 
 
 def default_run_dir(cfg: Config) -> str:
@@ -371,6 +458,22 @@ def distinct_samples(trajectories: Sequence[Trajectory], count: int) -> list[Tra
             seen.add(trajectory.sample_id)
             picked.append(trajectory)
     return picked
+
+
+class SilentLogger:
+    """The logger of the ranks other than 0: the run folder is rank 0's alone."""
+
+    def log(self, step: int, metrics: Any) -> None:
+        """Nothing: rank 0 logs the (reduced) metrics."""
+
+    def log_images(self, step: int, tag: str, images: Any) -> None:
+        """Nothing."""
+
+    def log_samples(self, step: int, tag: str, records: Any) -> None:
+        """Nothing."""
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 class _TimedEnv:

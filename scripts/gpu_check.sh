@@ -6,8 +6,8 @@
 #   1. the bf16 quickstart through the trainer (MGPO, a few steps, the hf backend),
 #   2. the same with long turns (256 new tokens a turn: episodes 4x longer, memory dominated by activations),
 #   3. LoRA (peft) on the language model, the frozen base as the KL reference,
-#   4. the FSDP2 path on one rank: `torchrun --nproc_per_node=1 -m zoomgym.algorithms.cli train ...` with
-#      the overrides in FSDP_OVERRIDES below (the pre-flight gate of `zoomgym train` runs first there),
+#   4. the FSDP2 path on one rank: `torchrun --nproc_per_node=1 -m zoomgym.algorithms.cli train ...` (under
+#      torchrun the trainer shards by itself; FSDP_OVERRIDES adds `distributed.*` keys, e.g. cpu_offload),
 #
 # measuring each step's time and peak memory (torch.cuda.max_memory_allocated in 1-3, nvidia-smi in 4) and
 # setting 1-3 against the pre-flight estimate of the same config, as a markdown table (also written to
@@ -20,10 +20,9 @@
 # Environment: PYTHON (default python3), GPU_CHECK_DIR (default a fresh /tmp folder), FSDP_OVERRIDES.
 set -uo pipefail
 
-# ---- MERGE PLACEHOLDER: the config overrides that switch `zoomgym train` onto the FSDP2 path. The keys
-# ---- belong to the FSDP branch (issue 12); until they are filled in, step 4 runs the plain trainer under
-# ---- torchrun (one rank) and its row says so.
-FSDP_OVERRIDES="${FSDP_OVERRIDES:-}"
+# Extra overrides of step 4 (the `distributed:` section, docs/training.md); the defaults shard with FSDP2 in
+# bf16 compute with fp32 reduction.
+FSDP_OVERRIDES="${FSDP_OVERRIDES:-distributed.mixed_precision=true}"
 
 PYTHON="${PYTHON:-python3}"
 if [[ "$PYTHON" == */* ]]; then PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")"; fi  # we cd below
@@ -106,7 +105,7 @@ step "LoRA r16 (MGPO, tiny $SIZE)" "reference: base with adapters off" model.lor
 
 # ---- 4. the FSDP2 path on one rank, through torchrun and `zoomgym train` (its pre-flight gate included) ----
 label="torchrun 1 rank (tiny $SIZE)"
-note="FSDP_OVERRIDES: ${FSDP_OVERRIDES:-none set (placeholder), the plain trainer}"
+note="FSDP2, one rank: ${FSDP_OVERRIDES:-defaults}"
 echo; echo "== $label: torchrun --standalone --nproc_per_node=1 -m zoomgym.algorithms.cli train ... $FSDP_OVERRIDES"
 SMI_LOG="$WORK/nvidia-smi.csv"
 SMI_PID=""

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from zoomgym.algorithms.config import (
     Config,
@@ -172,6 +173,8 @@ def test_validate_checks_paths_before_loading(tmp_path: Path) -> None:
         ("trainer.device=gpu", "trainer.device"),
         ("model.build={builder: tiny, into: x, options: {sise: 1m}}", "model.build.options"),
         ("model.build={builder: tiyn, into: x}", "model.build.builder"),
+        ("distributed.timeout_minutes=0", "distributed.timeout_minutes"),
+        ("distributed.backend=mpi", "distributed.backend"),
     ],
 )
 def test_validate_values(tmp_path: Path, override: str, key: str) -> None:
@@ -351,3 +354,26 @@ def test_include_errors_name_the_files(tmp_path: Path) -> None:
     (tmp_path / "f.yaml").write_text("trainer: {lrr: 1}\n")
     with pytest.raises(ValueError, match="Did you mean 'lr'"):
         load_config(tmp_path / "e.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["algorithm.dynamic_sampling=true"], "algorithm.dynamic_sampling"),
+        (["rollout.backend=vllm"], "rollout.backend"),
+        (["trainer.prompts_per_step=2", "trainer.mini_batch_prompts=1"], "trainer.prompts_per_step"),
+        pytest.param(["distributed.cpu_offload=true"], "distributed.cpu_offload",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="offloading needs CUDA only")),
+    ],
+)
+def test_under_torchrun_what_the_sharded_trainer_lacks_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[str], key: str
+) -> None:
+    """torchrun's variables make these an error naming the key; without them the same config is fine."""
+    cfg = load_config(None, [f"model.path={tiny_model_dir(tmp_path)}", "trainer.device=cpu", *overrides])
+    validate(cfg)
+    for name, value in {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "localhost",
+                        "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape(key)):
+        validate(cfg)

@@ -211,7 +211,8 @@ def test_dynamic_sampling_keeps_informative_groups(
     algo = algorithms.make("mgpo", agent=build_agent(cfg), config=cfg)
     rounds = iter([[1, 1, 0, 1], [0, 0, 1, 0], [1, 0, 0, 0]])  # rewards of 2 groups x 2 rollouts per round
 
-    def fake_rollout(samples, group_size, *, greedy, seed):
+    def fake_rollout(samples, group_size, *, greedy, seed, first_episode):
+        assert first_episode == 0  # one process plays the whole batch
         rewards = next(rounds)
         return [Trajectory(torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 1]), torch.zeros(3), [],
                            torch.zeros((0, 3), dtype=torch.long), reward=float(rewards[i]), group_id=i // group_size,
@@ -277,9 +278,10 @@ def test_validation_is_greedy_on_every_held_out_set() -> None:
     s1, s2, s3 = (SimpleNamespace(id=name) for name in ("s1", "s2", "s3"))
     stub = SimpleNamespace(cfg=Cfg(), val_sets={"a": [s1, s2], "b": [s3]}, step=4, first_validation={},
                            last_validation={}, _validated_step=None, logger=logger, unreadable=UnreadableImages())
-    stub.rollout = lambda samples, group_size, *, greedy, seed: calls.append((samples, group_size, greedy)) or []
+    stub.rollout = lambda samples, group_size, *, greedy, seed, first_episode: calls.append(
+        (samples, group_size, greedy, first_episode)) or []
     metrics = Trainer.validate(stub)
-    assert calls == [([s1, s2], 1, True), ([s3], 1, True)]  # one greedy episode per held-out sample
+    assert calls == [([s1, s2], 1, True, 0), ([s3], 1, True, 0)]  # one greedy episode per held-out sample
     assert "time/validation_s" in metrics and stub._validated_step == 4
     # Issue 10: with trainer.val_before_train=false the first validation (step 4) was printed as "before training".
     assert stub.first_validation == {} and stub.last_validation is metrics
