@@ -153,8 +153,10 @@ class GRPO(Trainer):
             metrics["perf/train_tokens_per_s"] = processed / max(metrics["time/training_s"], 1e-9)
             metrics["train/advantage_abs_mean"] = float(advantages.abs().mean())
             metrics["train/trained_tokens"] = float(sum(float(m.sum()) for m in masks) / len(masks))
+        start = time.perf_counter()
         self.agent.wake_up()
         self.agent.sync_weights(self.step + 1)
+        metrics["time/weight_sync_s"] = time.perf_counter() - start
         return metrics, sampled
 
     def _trained_tokens(self, trajectory: Trajectory) -> torch.Tensor:
