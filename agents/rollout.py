@@ -19,6 +19,10 @@ whole or not at all: if it does not fit (leaving room for at least one generated
 ends there, ``truncated`` and ``context_truncated`` are set on the trajectory and
 ``info["context_truncated"] = True`` on its last info. A turn is never cut inside an image.
 
+KV caches: every request carries its episode as ``cache_key``, so a backend that keeps caches (hf)
+prefills a group's shared first prompt once and each later turn only from what this engine appended
+(`agents.backends.base.GenerationRequest`); the sampled tokens and log-probs are those of a full prefill.
+
 Seeds: with ``sampling.seed`` set, the draws of episode ``e`` in turn ``k`` use the seed
 ``SeedSequence([seed, e, k])``, so results do not depend on batch size or on which episodes are still
 running; env resets use ``seed + e``. ``e`` is the episode's position in the call, or the id the caller
@@ -221,6 +225,7 @@ def run_rollouts(
     bar.update(sum(ep.done for ep in episodes))
 
     turn = 0
+    run = object()  # cache keys unique to this call: no later call (other weights) can meet this one's caches
     while active := [ep for ep in episodes if not ep.done]:
         requests = [
             GenerationRequest(
@@ -228,6 +233,7 @@ def run_rollouts(
                 images=ep.images,
                 max_new_tokens=int(min(sampling.max_new_tokens, budget - len(ep.ids))),
                 seed=None if sampling.seed is None else episode_seed(sampling.seed, ep.index, turn),
+                cache_key=(run, ep.index),
             )
             for ep in active
         ]

@@ -153,6 +153,9 @@ class VLLMBackendConfig:
     """GPUs per engine."""
     enable_sleep_mode: bool = True
     """Let the engine hand its GPU memory to the trainer during each update (colocated training)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of prompt prefixes already computed: a group's shared image and prompt, an
+    episode's earlier turns (reset at every weight sync)."""
 
 
 @dataclass

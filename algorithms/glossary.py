@@ -128,6 +128,8 @@ GLOSSARY: tuple[Metric, ...] = (
     Metric(("time/scoring_s",), "old/reference log-prob forwards"),
     Metric(("time/training_s",), "PPO epochs (forward, backward, optimizer)"),
     Metric(("time/validation_s",), "greedy validation of every held-out set (logged at validation steps)"),
+    Metric(("time/weight_sync_s",), "waking the backend and pushing the updated weights into it (`sync_weights`: hf "
+           "stamps the version and drops its kept KV caches; vLLM copies every tensor and resets its caches)"),
     Metric(("perf/generated_tokens_per_s",), "`sum_i generated_tokens_i / time/generation_s`"),
     Metric(("perf/train_tokens_per_s",), "`ppo_epochs * sum_i L_i / time/training_s` (whole sequences, images "
            "included)"),

@@ -160,8 +160,10 @@ class GRPO(Trainer):
             metrics["train/advantage_abs_mean"] = distributed.mean_over_ranks(advantages.abs())
             trained = torch.tensor([float(m.sum()) for m in masks], dtype=torch.float64)
             metrics["train/trained_tokens"] = distributed.mean_over_ranks(trained)
+        start = time.perf_counter()
         self.agent.wake_up()
         self.agent.sync_weights(self.step + 1)
+        metrics["time/weight_sync_s"] = time.perf_counter() - start
         return metrics, sampled
 
     def _trained_tokens(self, trajectory: Trajectory) -> torch.Tensor:

@@ -27,7 +27,7 @@ that completes a stop is kept whole, with its log-prob):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -97,6 +97,12 @@ class GenerationRequest:
         forced_ids: teacher forcing: score these ids instead of sampling (their log-probs under the
             same definition; no stop rules; ``finish_reason`` is ``"eos"`` if the last one is a stop
             token, else ``"length"``). For likelihood scoring and scripted replays of model turns.
+        cache_key: the conversation this prompt belongs to (the rollout engine: its episode, a key unique
+            to the run), for backends that keep KV caches between calls (hf). Such a backend prefills the
+            keyed prompts of one call that are identical (ids and images: a group's first turn) once,
+            keeps each conversation's cache after its turn, and in the next call prefills only what was
+            appended to a kept prefix (same ids, same images). ``None``: prefilled whole, nothing kept.
+            A key must not be reused after the weights change.
     """
 
     prompt_ids: list[int]
@@ -104,6 +110,7 @@ class GenerationRequest:
     max_new_tokens: int = 1024
     seed: int | None = None
     forced_ids: list[int] | None = None
+    cache_key: Hashable | None = None
 
 
 @dataclass

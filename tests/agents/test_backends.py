@@ -313,6 +313,7 @@ def test_vllm_engine_gets_the_requested_dtype_and_the_default_envs_image_budget(
     (engine,) = fake_vllm.built
     assert engine["dtype"] == "float32" and engine["model"] == str(tiny_model_dir)
     assert engine["limit_mm_per_prompt"] == {"image": 2, "video": 0}  # zoomgym/ZoomEnv-v0: view + crop
+    assert engine["enable_prefix_caching"] is True  # a group's shared image and prompt are computed once
     assert isinstance(agent.backend, VLLMBackend) and not agent.backend.shares_model
     assert not agent.backend.can_sleep and not agent.backend.logprobs_match_trainer
     LMMAgent.from_pretrained(tiny_model_dir, backend="vllm", dtype=torch.bfloat16, max_images=4,

@@ -33,6 +33,9 @@ the trainer (`agents.lmm.LMMAgent.token_logprobs`, transformers, fp32):
   (`ZoomsAt`) so that every episode shows crops; the tokens and their log-probs are still vLLM's.
 * ``image_parity_has_teeth``: the same episodes scored with other images of the same sizes, or with flat
   1-D positions, differ by far more than the tolerance.
+* ``prefix_cache_hits``: with the prefix cache emptied, the same two-turn episodes (two requests per image
+  in each batch): in the first turn the second request of each image reuses the first one's blocks, image
+  included (``RequestOutput.num_cached_tokens``), and every second-turn request reuses its first turn's.
 * ``multiprocess_engine``: an engine with ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` (engine core in another
   process) samples the same seeded episodes, tokens and log-probs, as the in-process one.
 * ``checkpoint_engine_builds``: `algorithms.checkpoint.save_checkpoint` of other weights keeps every
@@ -187,8 +190,8 @@ def api_facts() -> dict[str, Any]:
     facts["SamplingParams.logprobs_mode (per request)"] = "logprobs_mode" in fields
     facts["EngineArgs fields used"] = {
         f: f in EngineArgs.__dataclass_fields__ for f in
-        ("logprobs_mode", "enable_sleep_mode", "generation_config", "limit_mm_per_prompt", "mm_processor_kwargs",
-         "worker_extension_cls", "enforce_eager", "seed", "dtype")}
+        ("logprobs_mode", "enable_sleep_mode", "enable_prefix_caching", "generation_config", "limit_mm_per_prompt",
+         "mm_processor_kwargs", "worker_extension_cls", "enforce_eager", "seed", "dtype")}
     facts["LLM methods"] = {m: str(inspect.signature(getattr(LLM, m))) if hasattr(LLM, m) else None
                             for m in ("collective_rpc", "sleep", "wake_up", "reset_prefix_cache")}
     try:
@@ -548,6 +551,30 @@ class ImageChecks:
             assert diffs[name] > least, f"scoring with {name} differs by only {diffs[name]:.3g} (<= {least})"
         return f"max |trainer - vLLM| when scored with {', '.join(f'{k}: {v:.2g}' for k, v in diffs.items())}"
 
+    def prefix_cache_hits(self) -> str:
+        llm = self.engine.llm
+        assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching, "the engine runs without prefix caching"
+        cached: list[list[int]] = []  # per generate call (one rollout round): num_cached_tokens of each request
+        generate = llm.generate
+
+        def recording(prompts: Any, params: Any, **kwargs: Any) -> Any:
+            outputs = generate(prompts, params, **kwargs)
+            cached.append([int(o.num_cached_tokens or 0) for o in outputs])
+            return outputs
+
+        llm.reset_prefix_cache()
+        llm.generate = recording
+        try:
+            self.rollout(self.engine, self.trainer, "zoom, 2 turns", "T=1")
+        finally:
+            del llm.generate  # the instance attribute: back to LLM.generate
+        first, second = cached
+        repeats = [first[i] for i in range(len(first)) if i % GROUP_SIZE]  # the group's requests after its first
+        assert len(first) == len(second) == GROUP_SIZE * len(IMAGE_SIZES), cached
+        assert all(hits > 0 for hits in repeats), f"repeated images missed the prefix cache: {first}"
+        assert all(hits > 0 for hits in second), f"second turns missed their first turn's blocks: {second}"
+        return f"cached prompt tokens per request, turn 1 (pairs share an image): {first}; turn 2: {second}"
+
     def multiprocess_engine(self) -> str:
         import gc
         import os
@@ -614,8 +641,8 @@ class Skip(Exception):
 
 TEXT_CHECKS = ("engine_builds", "seeded_sampling", "logprobs_match_definition", "load_weights_in_place",
                "stop_token_ids", "stop_strings", "json_block_stop", "sleep_wake_calls", "sleep_mode")
-IMAGE_CHECKS = ("image_engine_builds", "image_logprob_parity", "image_parity_has_teeth", "multiprocess_engine",
-                "checkpoint_engine_builds", "reload_with_seen_images")
+IMAGE_CHECKS = ("image_engine_builds", "image_logprob_parity", "image_parity_has_teeth", "prefix_cache_hits",
+                "multiprocess_engine", "checkpoint_engine_builds", "reload_with_seen_images")
 
 
 def run_checks(checks: Any, names: tuple[str, ...], results: dict[str, dict[str, Any]]) -> None:
