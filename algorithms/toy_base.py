@@ -17,7 +17,9 @@ RL already able to point and to read. The toy base stands in for that on 2 CPU c
 
 The folder name hashes the recipe (the config after overrides, the model settings, the selection
 rule, the zoomgym version), so a changed recipe builds anew and an unchanged one is reused. A build
-that was killed resumes from its newest checkpoint.
+that was killed resumes from its newest checkpoint. Every build runs on `BUILD_THREADS` torch threads.
+The same recipe on another machine (other CPU kernels) or after a change in the float order of the
+training code can give another model: read the build's ``report.json``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ MIN_VALID_BOXES = 0.85
 HIT_RANGE = (0.4, 0.6)
 """Grounding hit rate wanted: the earliest qualifying checkpoint inside it, else the qualifying one
 closest to its middle (else the last checkpoint)."""
+
+BUILD_THREADS = 2
+"""torch CPU threads of every build, whoever calls it (``make toy-base``, ``make demo`` through the model
+builder, ``make reproduce``): a float sum is split by thread count, and a 700-step SFT run amplifies
+that rounding into a different model (measured: a build with 2 threads and one with 1, same code and
+recipe, kept different checkpoints). Pinned, a build is a function of the recipe and the machine."""
 
 READING_KEY, VALID_KEY, HIT_KEY = ("val/reading/answer_accuracy", "val/grounding/box_valid_ratio",
                                    "val/grounding/box_hit_ratio")
@@ -112,6 +120,7 @@ def build_toy_base(overrides: Sequence[str] = (), cache: str | Path = ".cache", 
     Returns:
         ``CACHE/toy-base-<hash>/model``; its ``report.json`` sits beside it.
     """
+    import torch
     from zoomgym.agents.models import build_tiny_model
     from zoomgym.agents.models.tiny import TOY_BASE_MODEL
     from zoomgym.algorithms.run import run_sft
@@ -136,7 +145,12 @@ def build_toy_base(overrides: Sequence[str] = (), cache: str | Path = ".cache", 
         build_tiny_model(init, seed=cfg.trainer.seed, **TOY_BASE_MODEL)
     run_dir = home / "run"
     cfg = load_config(TOY_BASE_CONFIG, [*overrides, f"model.path={init}", f"logging.run_dir={run_dir}"])
-    run_sft(cfg, resume=latest_checkpoint(run_dir) is not None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        run_sft(cfg, resume=latest_checkpoint(run_dir) is not None)
+    finally:
+        torch.set_num_threads(threads)
     steps = sorted(int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
     history = validation_history(run_dir)
     step, why = pick_checkpoint(history, steps)
