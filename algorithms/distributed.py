@@ -266,6 +266,10 @@ def shard_model(model: torch.nn.Module, cfg: DistributedConfig) -> torch.nn.Modu
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # a sum over ranks
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-multiplied sum
+    # FSDP makes the first module to run forward its root. The hf backend runs the vision tower on its own
+    # before the model's forward (each distinct image once, agents/models/unique_images.py), which would
+    # make a vision block the root: initialise from the real root now.
+    model._get_fsdp_state()._lazy_init()
     setattr(model, _FORWARD_METHOD, types.MethodType(_call, model))
     register_fsdp_forward_method(model, _FORWARD_METHOD)
     return model
