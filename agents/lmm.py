@@ -224,3 +224,7 @@ class LMMAgent:
         """Restores what `sleep` released."""
         if self.backend.can_sleep:
             self.backend.wake_up()
+
+    def close(self) -> None:
+        """Shuts the backend's engine down (the agent does not generate again)."""
+        self.backend.close()

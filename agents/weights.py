@@ -2,11 +2,13 @@
 
 A backend that does not share the trainer's model object (vLLM) receives the weights under the
 model's checkpoint names; LoRA adapters injected by ``peft`` are merged into their base layers on the
-way out, so the engine needs to know nothing about them.
+way out, so the engine needs to know nothing about them. Under FSDP2 the state dict holds each rank's
+shards; `whole_tensors` all-gathers them one tensor at a time on the way into the engine.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -45,3 +47,15 @@ def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
 def _is_lora_layer(module: Any) -> bool:
     """Whether ``module`` is a ``peft`` LoRA layer wrapping a base layer (duck-typed: peft stays optional)."""
     return all(hasattr(module, attr) for attr in ("lora_A", "get_delta_weight", "get_base_layer", "merged"))
+
+
+def whole_tensors(state: Mapping[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of ``state`` in order, each tensor whole and detached.
+
+    A sharded tensor (FSDP2's ``DTensor``) is all-gathered when its turn comes, so a rank holds one whole
+    tensor beyond its shards at a time, never a whole copy of the model; this is a collective: every rank
+    must consume the whole stream, in the same order.
+    """
+    for name, tensor in state.items():
+        whole = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        yield name, whole.detach()

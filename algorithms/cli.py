@@ -114,10 +114,13 @@ def _train(args: argparse.Namespace) -> int:
     from zoomgym.algorithms import distributed
     from zoomgym.algorithms.run import run, run_sft
 
+    algo = None
     try:
         algo = (run_sft if args.command == "sft" else run)(cfg, resume=args.resume is not None)
         main = distributed.is_main()
     finally:
+        if algo is not None:
+            algo.agent.close()  # first: a vLLM engine under torchrun joined the process group
         distributed.shutdown()
     if main:
         _print_summary(algo)

@@ -144,18 +144,24 @@ class HFBackendConfig:
 
 @dataclass
 class VLLMBackendConfig:
-    """Settings of the "vllm" backend (``agents.backends.vllm.VLLMBackend``); the engine's dtype is
-    model.dtype, its image limit the env's image budget and its context rollout.max_context_tokens."""
+    """Settings of the "vllm" backend (``agents.backends.vllm.VLLMBackend``); its image limit is the env's
+    image budget and its context rollout.max_context_tokens."""
 
+    engine_dtype: Literal["float32", "bfloat16"] | None = None
+    """The engine's dtype; None: model.dtype. bfloat16 beside float32 master weights (the sharded trainer):
+    the pushed weights are cast as the engine copies them."""
     gpu_memory_utilization: float = 0.6
     """Fraction of GPU memory for weights and KV cache (the rest is left to training)."""
     tensor_parallel_size: int = 1
-    """GPUs per engine."""
+    """GPUs per engine; 1 under torchrun, where every rank runs its own engine."""
     enable_sleep_mode: bool = True
     """Let the engine hand its GPU memory to the trainer during each update (colocated training)."""
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of prompt prefixes already computed: a group's shared image and prompt, an
     episode's earlier turns (reset at every weight sync)."""
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    """Further ``vllm.LLM`` arguments, such as enforce_eager or kv_cache_memory_bytes (the CPU build's KV
+    cache); those set from the keys above and the model's are refused."""
 
 
 @dataclass
@@ -864,13 +870,10 @@ def _validate_distributed(cfg: Config) -> None:
     if cfg.algorithm.dynamic_sampling:
         raise ValueError("config key 'algorithm.dynamic_sampling': expects false under torchrun (the ranks would "
                          "need to agree on which groups to keep), actual: true")
-    from zoomgym.agents.backends import BACKENDS
-
-    if not BACKENDS.lookup(cfg.rollout.backend).shares_model:
+    if cfg.rollout.backend == "vllm" and cfg.rollout.vllm.tensor_parallel_size != 1:
         raise ValueError(
-            "config key 'rollout.backend': expects a backend that samples with the trained model itself (hf) "
-            f"under torchrun (pushing sharded weights to a separate engine is not supported yet), actual: "
-            f"{cfg.rollout.backend}"
+            "config key 'rollout.vllm.tensor_parallel_size': expects 1 under torchrun (one engine per rank, each "
+            f"playing its own share of the prompts), actual: {cfg.rollout.vllm.tensor_parallel_size}"
         )
 
 

@@ -26,7 +26,8 @@ scheduler, RNG states and counters, so N steps straight and N/2 + ``--resume`` +
 weights on CPU.
 
 Under ``torchrun`` (`algorithms.distributed`) the model and the trainer's frozen copies are sharded with
-FSDP2, rollouts and validation run on the weights gathered on every rank, each rank plays its share of
+FSDP2, rollouts and validation run on the weights gathered on every rank (hf) or on each rank's own vLLM
+engine, which receives the gathered weights after every update, each rank plays its share of
 the samples, metrics are reduced over ranks, checkpoints are sharded, and only rank 0 writes the run
 folder. A trainer opts in with ``supports_distributed`` (its update must use global denominators).
 """
@@ -303,7 +304,8 @@ class Trainer:
         """
         self.model.eval()
         episode_ids = range(first_episode, first_episode + len(samples) * group_size)
-        with torch.no_grad(), distributed.gathered(self.model):
+        # A backend that samples with the model itself needs its whole weights; a separate engine has its own.
+        with torch.no_grad(), distributed.gathered(self.model if self.agent.backend.shares_model else None):
             return self.agent.rollout(
                 samples, group_size, env=self.env_fn, sampling=sampling_params(self.cfg, greedy=greedy, seed=seed),
                 context_budget=self.cfg.rollout.max_context_tokens, on_image_error=self.unreadable,

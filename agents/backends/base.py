@@ -168,6 +168,10 @@ class Backend(Protocol):
         """Restores what ``sleep`` released."""
         ...
 
+    def close(self) -> None:
+        """Shuts the engine down (the backend is not used again)."""
+        ...
+
 
 def stop_reached(text: str, sampling: SamplingParams) -> bool:
     """Whether the generated text of a turn satisfies a stop-string rule of ``sampling``."""

@@ -265,6 +265,10 @@ class HFBackend:
     def wake_up(self) -> None:
         """Nothing to restore: ``sleep`` kept the weights in place."""
 
+    def close(self) -> None:
+        """Drops the kept KV caches; the model belongs to the trainer."""
+        self._kept = {}
+
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     if seed is None:

@@ -87,3 +87,6 @@ class ScriptedBackend:
 
     def wake_up(self) -> None:
         """Nothing to restore."""
+
+    def close(self) -> None:
+        """Nothing to shut down."""

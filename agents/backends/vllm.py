@@ -44,6 +44,16 @@ How our requests map onto vLLM's documented offline API:
   the cache, so no KV of old weights is reused.
 * ``sleep()``/``wake_up()``: ``LLM.sleep(level=1)`` (weights to CPU, KV cache dropped) and
   ``LLM.wake_up()``; the engine must be built with ``enable_sleep_mode=True``.
+* one engine per rank under ``torchrun``: when a ``torch.distributed`` process group is up, the engine is
+  built with ``distributed_executor_backend="external_launcher"`` (`engine_placement`). vLLM then joins
+  the existing process group instead of starting its own, and lays the ranks out as
+  ``external DP x DP x PP x TP``; with ``tensor_parallel_size=1`` and no DP of vLLM's own, every rank is
+  an "external DP" replica that generates on its own: each rank plays its share of the prompts with as
+  many ``generate`` calls as its episodes need, with no collective inside them. (vLLM's own
+  ``data_parallel_size`` would instead make every ``generate`` call a collective of all ranks.) Each
+  rank's trainer pushes the weights into its own engine: ``load_weights`` all-gathers the FSDP shards one
+  tensor at a time as the engine reads them (`agents.weights.whole_tensors`), so no rank ever holds a
+  whole copy of the model beside its engine's.
 """
 
 from __future__ import annotations
@@ -93,6 +103,33 @@ def collapse_image_pads(
     if runs != list(tokens_per_image):
         raise ValueError(f"Expects image pad runs of lengths {list(tokens_per_image)}, actual: {runs}")
     return out
+
+
+EXTERNAL_LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What vLLM's external launcher reads from the environment (``torchrun`` sets them in every process)."""
+
+
+def engine_placement(tensor_parallel_size: int) -> dict[str, Any]:
+    """The engine arguments that place it: none in a single process; in a rank of a ``torch.distributed``
+    process group started by ``torchrun``, one engine per rank through vLLM's external launcher (module
+    docstring). A single process's earlier engine may have started a process group of its own: without
+    torchrun's variables the engine is placed as in a single process.
+
+    Raises:
+        ValueError: ``tensor_parallel_size > 1`` under a process group: the ranks of a tensor-parallel group
+            would have to send identical requests, and each rank plays its own prompts.
+    """
+    import torch.distributed as dist
+
+    launched = all(name in os.environ for name in EXTERNAL_LAUNCHER_VARIABLES)
+    if not (launched and dist.is_available() and dist.is_initialized()):
+        return {}
+    if tensor_parallel_size != 1:
+        raise ValueError(
+            f"Expects tensor_parallel_size 1 under torch.distributed (one engine per rank, each playing its own "
+            f"prompts), actual: {tensor_parallel_size}"
+        )
+    return {"distributed_executor_backend": "external_launcher"}
 
 
 BANNED_LOGIT_BIAS = -100.0
@@ -169,9 +206,10 @@ class VLLMBackend:
         seed: int = 0,
         gpu_memory_utilization: float = 0.6,
         tensor_parallel_size: int = 1,
+        engine_dtype: str | None = None,
         enable_sleep_mode: bool = False,
         enable_prefix_caching: bool = True,
-        **engine_kwargs: Any,
+        engine_options: Mapping[str, Any] | None = None,
     ) -> VLLMBackend:
         """Builds a ``vllm.LLM`` for ``path`` with limits derived from the episode's image budget.
 
@@ -179,13 +217,16 @@ class VLLMBackend:
             path: local folder or hub id of the model.
             model: the trainer's loaded copy; unused (the engine loads its own from ``path``).
             adapter: the model adapter (its ``min_pixels``/``max_pixels`` bound vLLM's processor).
-            dtype: the engine's dtype (``"float32"``, ``"bfloat16"``), the trainer's.
+            dtype: the trainer's dtype (``"float32"``, ``"bfloat16"``), the engine's unless ``engine_dtype``.
             max_images: the env's image budget per episode; ``limit_mm_per_prompt`` follows from it.
             max_context_tokens: the episode's context budget (``max_model_len``; None: the model's).
+            tensor_parallel_size: GPUs per engine (1 under a process group: `engine_placement`).
+            engine_dtype: the engine's own dtype (the weights pushed in are cast to it); None: ``dtype``.
             enable_sleep_mode: needed for ``sleep``/``wake_up`` when colocated with training.
             enable_prefix_caching: reuse the KV blocks of prompt prefixes seen before (a group's shared
                 image and prompt, an episode's earlier turns).
-            **engine_kwargs: passed on to ``vllm.LLM``.
+            engine_options: further ``vllm.LLM`` arguments (``enforce_eager``, ``kv_cache_memory_bytes``, ...);
+                the ones this method sets itself are refused.
         """
         # Before vLLM is imported: an in-process engine lets `load_weights` reach the worker's model.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -193,22 +234,26 @@ class VLLMBackend:
             from vllm import LLM
         except ImportError as err:  # the optional extra is missing
             raise ImportError("The vllm backend needs vLLM: pip install 'zoomgym[vllm]'") from err
-        llm = LLM(
+        arguments: dict[str, Any] = dict(
             model=path,
-            dtype=dtype,
+            dtype=engine_dtype or dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_context_tokens,
             tensor_parallel_size=tensor_parallel_size,
             enable_sleep_mode=enable_sleep_mode,
             enable_prefix_caching=enable_prefix_caching,
             seed=seed,
+            **engine_placement(tensor_parallel_size),
             limit_mm_per_prompt=limit_mm_per_prompt(max_images),
             mm_processor_kwargs={"min_pixels": adapter.min_pixels, "max_pixels": adapter.max_pixels},
             logprobs_mode="processed_logprobs",
             # Our SamplingParams are complete; the checkpoint's generation_config must not add top_k etc.
             generation_config="vllm",
-            **engine_kwargs,
         )
+        taken = sorted(set(engine_options or {}) & set(arguments))
+        if taken:
+            raise ValueError(f"Expects engine options other than the arguments the backend sets, actual: {taken}")
+        llm = LLM(**arguments, **(engine_options or {}))
         return cls(llm, adapter, can_sleep=enable_sleep_mode)
 
     def _prompt(self, request: GenerationRequest) -> dict[str, Any]:
@@ -242,13 +287,18 @@ class VLLMBackend:
         return [generation_from_output(o, sampling, lambda ids: decode_text(self.adapter, ids)) for o in outputs]
 
     def load_weights(self, state_dict: Mapping[str, Any], version: int) -> None:
-        """Copies the trainer's weights into the engine in place, then drops cached image embeddings and KV."""
+        """Copies the trainer's weights into the engine in place, then drops cached image embeddings and KV.
+
+        ``state_dict`` may hold FSDP shards: each tensor is gathered whole as the engine reads it (every rank
+        of the process group must call this together)."""
+        from zoomgym.agents.weights import whole_tensors  # imports torch: not at module import
+
         was_sleeping = self.sleeping
         if was_sleeping:
             # Only the weights' memory is needed to load; the KV cache comes back in wake_up().
             self.llm.wake_up(tags=["weights"])
-        weights = [(name, tensor.detach()) for name, tensor in state_dict.items()]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": whole_tensors(state_dict),
+                                                          "is_checkpoint_format": True})
         # The workers' reload drops their image embeddings, but the scheduler still counts them as cached:
         # without this reset the next request on a seen image fails ("Encoder cache miss").
         self.llm.llm_engine.reset_encoder_cache()
@@ -267,3 +317,9 @@ class VLLMBackend:
         if self.sleeping:
             self.llm.wake_up()
             self.sleeping = False
+
+    def close(self) -> None:
+        """Shuts the engine core down now, not at interpreter exit. Under torchrun this must come before the
+        process group ends: the engine joined it, and its shutdown destroys vLLM's groups and then the
+        default group itself."""
+        self.llm.llm_engine.engine_core.shutdown()

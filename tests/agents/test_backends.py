@@ -332,3 +332,57 @@ def test_backends_are_chosen_by_registry_name(tiny_model_dir):
     assert agent.backend.shares_model and agent.backend.logprobs_match_trainer and agent.backend.model is agent.model
     with pytest.raises(ValueError, match=r"rollout backend name in \['hf', 'vllm'\].*Did you mean 'vllm'"):
         LMMAgent.from_pretrained(tiny_model_dir, backend="vlm")
+
+
+def test_vllm_engine_per_rank_under_torchrun_and_engine_options(tiny_model_dir, fake_vllm, monkeypatch):
+    """Under a process group started by torchrun each rank gets its own engine (vLLM's external launcher);
+    a single process, or an earlier engine's own group without torchrun's variables, gets a plain engine."""
+    import torch.distributed as dist
+    from zoomgym.agents.backends.vllm import EXTERNAL_LAUNCHER_VARIABLES, engine_placement
+    from zoomgym.agents.lmm import LMMAgent
+
+    options = {"enforce_eager": True, "kv_cache_memory_bytes": 2**20}
+    LMMAgent.from_pretrained(tiny_model_dir, backend="vllm", dtype="float32", engine_options=options)
+    assert "distributed_executor_backend" not in fake_vllm.built[-1]
+    assert {k: fake_vllm.built[-1][k] for k in options} == options
+    with pytest.raises(ValueError, match=r"other than the arguments the backend sets, actual: \['seed'\]"):
+        LMMAgent.from_pretrained(tiny_model_dir, backend="vllm", dtype="float32", engine_options={"seed": 3})
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    assert engine_placement(1) == {}  # a process group, but not torchrun's
+    for name in EXTERNAL_LAUNCHER_VARIABLES:
+        monkeypatch.setenv(name, "0")
+    LMMAgent.from_pretrained(tiny_model_dir, backend="vllm", dtype="float32", engine_dtype="bfloat16")
+    built = fake_vllm.built[-1]
+    assert built["distributed_executor_backend"] == "external_launcher" and built["dtype"] == "bfloat16"
+    assert "data_parallel_size" not in built  # vLLM's own DP would make every generate call a collective
+    with pytest.raises(ValueError, match="tensor_parallel_size 1 under torch.distributed"):
+        engine_placement(2)
+
+
+def test_vllm_weights_stream_whole_tensors_one_at_a_time():
+    """`load_weights` hands the engine a lazy stream: a sharded tensor is gathered when the engine reads it."""
+    gathered: list[str] = []
+
+    class Shard:  # stands in for FSDP2's DTensor
+        def __init__(self, name, whole):
+            self.name, self.whole = name, whole
+
+        def full_tensor(self):
+            gathered.append(self.name)
+            return self.whole
+
+    read: list[tuple[str, list[str]]] = []
+
+    class StreamingLLM(FakeLLM):
+        def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+            for name, tensor in kwargs["weights_iterator"]:
+                read.append((name, list(gathered)))  # what had been gathered when this tensor arrived
+                assert isinstance(tensor, torch.Tensor) and not tensor.requires_grad
+            return [None]
+
+    backend = VLLMBackend(StreamingLLM(), FakeAdapter(), sampling_params_cls=FakeSamplingParams)
+    weights = {"a": Shard("a", torch.ones(2, requires_grad=True)), "b": torch.zeros(3), "c": Shard("c", torch.ones(1))}
+    assert gathered == []
+    backend.load_weights(weights, version=1)
+    assert read == [("a", ["a"]), ("b", ["a"]), ("c", ["a", "c"])]

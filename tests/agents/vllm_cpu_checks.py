@@ -44,6 +44,12 @@ the trainer (`agents.lmm.LMMAgent.token_logprobs`, transformers, fp32):
   the episodes' images; rollouts on the same images then run (before the encoder-cache reset in
   ``load_weights``: "Encoder cache miss"), their log-probs match the trainer holding the new weights,
   and they equal, token for token, those of the engine built from the checkpoint.
+* ``torchrun_engine_per_rank``: ``zoomgym train`` under ``torchrun`` with 2 ranks (gloo, FSDP2) and the vllm
+  backend: each rank builds its own engine (vLLM's external launcher), plays its share of the groups and,
+  after every update, receives the weights gathered from the shards. Every step's
+  ``rollout/logprob_gap_abs_max`` (sampler vs the trainer's updated weights, the maximum over both ranks)
+  stays within 1e-4, while the trained weights score the first engine's episodes far outside it: an
+  engine left at the old weights would fail the gap.
 
 The result file maps each check to ``{"status": "pass"|"fail"|"skip", "detail": ..., "seconds": ...}``
 and records the versions and API names of the vLLM build.
@@ -227,7 +233,7 @@ class TextChecks:
         from zoomgym.agents.backends.vllm import VLLMBackend
 
         return VLLMBackend.from_pretrained(str(folder), adapter=self.adapter, dtype="float32", max_images=2,
-                                           max_context_tokens=512, **CPU_ENGINE, **kwargs)
+                                           max_context_tokens=512, engine_options=CPU_ENGINE, **kwargs)
 
     def requests(self, max_new_tokens: int, seeds: list[int | None]) -> list[Any]:
         from zoomgym.agents.backends.base import GenerationRequest
@@ -489,7 +495,7 @@ class ImageChecks:
         from zoomgym.agents.backends.vllm import VLLMBackend
 
         return VLLMBackend.from_pretrained(str(folder), adapter=self.trainer.adapter, dtype="float32", max_images=3,
-                                           max_context_tokens=2048, **CPU_ENGINE)
+                                           max_context_tokens=2048, engine_options=CPU_ENGINE)
 
     def rollout(self, backend: Any, trainer: Any, episode: str, sampling: str) -> list[Any]:
         import gymnasium
@@ -634,6 +640,54 @@ class ImageChecks:
                            f"== fresh engine (max diff {fresh:.2g})")
         return f"load_weights {reload_s:.1f} s; " + "; ".join(details)
 
+    def torchrun_engine_per_rank(self) -> str:
+        import os
+        import subprocess
+
+        import yaml
+        from zoomgym.agents.lmm import LMMAgent
+        from zoomgym.algorithms.logging import read_metrics
+
+        run_dir, exported = self.work / "torchrun-run", self.work / "torchrun-export"
+        config = self.work / "torchrun.yaml"
+        steps = 3
+        config.write_text(yaml.safe_dump({
+            "model": {"path": str(self.source), "dtype": "float32", **VIEW_BUDGET},
+            "algorithm": {"name": "mgpo", "kl_coef": 0.01},
+            "data": {"train": {"name": "synthetic", "options": {"n": 8, "seed": 0, "preset": "cpu"}}, "val": []},
+            "env": {"options": {"check_view_budget": False}},
+            "rollout": {"backend": "vllm", "group_size": 2, "max_new_tokens": 16, "max_context_tokens": 2048,
+                        "vllm": {"enable_sleep_mode": False, "engine_options": CPU_ENGINE}},
+            "trainer": {"steps": steps, "prompts_per_step": 4, "mini_batch_prompts": 4, "micro_batch_size": 2,
+                        "lr": 1e-3, "device": "cpu", "val_every": 0, "val_before_train": False, "save_every": steps},
+            "distributed": {"mixed_precision": False},
+            "logging": {"run_dir": str(run_dir), "render_every": 0, "progress_bar": False, "tensorboard": False},
+        }))
+        start = time.perf_counter()
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "zoomgym.algorithms.cli", "train", str(config)],
+                              env=env, capture_output=True, text=True, timeout=1500)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+        train_s = time.perf_counter() - start
+        engines = done.stdout.count("Using external launcher") + done.stderr.count("Using external launcher")
+        assert engines >= 2, f"expects an external-launcher engine on each of 2 ranks, actual log lines: {engines}"
+        records = [r for r in read_metrics(run_dir) if "rollout/logprob_gap_abs_max" in r]
+        assert [r["step"] for r in records] == list(range(1, steps + 1)), [r["step"] for r in records]
+        gaps = [r["rollout/logprob_gap_abs_max"] for r in records]
+        assert max(gaps) < LOGPROB_TOLERANCE, f"sampler vs trainer log-prob gaps per step: {gaps}"
+        checkpoint = run_dir / "checkpoints" / f"step_{steps:06d}"
+        exporting = subprocess.run([sys.executable, "-m", "zoomgym.algorithms.cli", "export", str(checkpoint),
+                                    str(exported)], env=env, capture_output=True, text=True, timeout=600)
+        assert exporting.returncode == 0, (exporting.stdout + exporting.stderr)[-4000:]
+        trained = LMMAgent.from_pretrained(exported)
+        moved = min(max_masked_diff(trained, self.rolled[key], samplings()[key[1]].logprob_temperature)
+                    for key in self.rolled)
+        assert moved > 100 * LOGPROB_TOLERANCE, f"the trained weights moved log-probs by only {moved:.3g}"
+        return (f"2 ranks x 1 engine, {steps} steps in {train_s:.0f} s; max gap per step "
+                f"{', '.join(f'{g:.2g}' for g in gaps)}; the trained weights move the first engine's log-probs by "
+                f">= {moved:.2g}")
+
 
 class Skip(Exception):
     """A check that cannot run on this build (the reason is reported)."""
@@ -642,7 +696,8 @@ class Skip(Exception):
 TEXT_CHECKS = ("engine_builds", "seeded_sampling", "logprobs_match_definition", "load_weights_in_place",
                "stop_token_ids", "stop_strings", "json_block_stop", "sleep_wake_calls", "sleep_mode")
 IMAGE_CHECKS = ("image_engine_builds", "image_logprob_parity", "image_parity_has_teeth", "prefix_cache_hits",
-                "multiprocess_engine", "checkpoint_engine_builds", "reload_with_seen_images")
+                "multiprocess_engine", "checkpoint_engine_builds", "reload_with_seen_images",
+                "torchrun_engine_per_rank")
 
 
 def run_checks(checks: Any, names: tuple[str, ...], results: dict[str, dict[str, Any]]) -> None:

@@ -360,7 +360,7 @@ def test_include_errors_name_the_files(tmp_path: Path) -> None:
     ("overrides", "key"),
     [
         (["algorithm.dynamic_sampling=true"], "algorithm.dynamic_sampling"),
-        (["rollout.backend=vllm"], "rollout.backend"),
+        (["rollout.backend=vllm", "rollout.vllm.tensor_parallel_size=2"], "rollout.vllm.tensor_parallel_size"),
         (["trainer.prompts_per_step=2", "trainer.mini_batch_prompts=1"], "trainer.prompts_per_step"),
         pytest.param(["distributed.cpu_offload=true"], "distributed.cpu_offload",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="offloading needs CUDA only")),

@@ -90,8 +90,9 @@ def test_the_7b_variants_state_only_what_differs_from_the_paper() -> None:
 
     paper = flat(to_dict(load_config(REPO / "configs" / "mgpo_qwen2_5_vl_7b.yaml")))
     for name, expected in (
-        ("mgpo_qwen2_5_vl_7b_8gpu.yaml", {"name", "model.dtype", "rollout.backend", "rollout.hf.max_batch_size",
-                                          "rollout.max_context_tokens", "trainer.micro_batch_size"}),
+        ("mgpo_qwen2_5_vl_7b_8gpu.yaml", {"name", "model.dtype", "rollout.vllm.tensor_parallel_size",
+                                          "rollout.vllm.engine_dtype", "rollout.max_context_tokens",
+                                          "trainer.micro_batch_size"}),
         ("mgpo_qwen2_5_vl_7b_1gpu_lora.yaml", {"name", "rollout.max_context_tokens", "trainer.micro_batch_size",
                                                "model.lora.enabled", "rollout.vllm.tensor_parallel_size"}),
     ):
