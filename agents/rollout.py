@@ -29,6 +29,11 @@ running; env resets use ``seed + e``. ``e`` is the episode's position in the cal
 gives it (``episode_ids``: an evaluation that plays a dataset in batches, and resumes, numbers each
 episode by its sample's place in the dataset).
 
+Envs in threads: every round, the envs of different groups reset or step in parallel threads (their
+work is mostly Pillow's decoding, rendering, cropping and resizing, which releases the GIL), those of one
+group in order in one thread, so a group's first episode decodes the image its others share. Sampling,
+tokenizing and the bookkeeping stay in the calling thread, so every episode is what a plain loop makes.
+
 Unreadable images: an env raises `envs.data.ImageLoadError` from ``reset`` or ``step`` when a sample's
 image fails to decode. With ``on_image_error`` set, the engine stops that sample's episodes, drops its
 whole group from the result (an advantage needs the whole group) and calls ``on_image_error(error)``
@@ -52,6 +57,7 @@ from zoomgym.agents.backends.base import Backend, Generation, GenerationRequest,
 from zoomgym.agents.trajectory import Trajectory
 from zoomgym.envs import DEFAULT_ENV_ID
 from zoomgym.envs.data import ImageLoadError
+from zoomgym.envs.data.images import map_in_threads
 from zoomgym.envs.spaces import message_images, message_views
 
 EnvSpec = str | Callable[[Any], Any]
@@ -131,7 +137,8 @@ def _make_episodes(samples: Sequence[Any], group_size: int, make_env: Callable[[
 
 
 class _Groups:
-    """The episodes by group, and the groups a decode failure stopped."""
+    """The episodes by group: their envs reset and stepped a group per thread, and the groups a decode
+    failure stopped."""
 
     def __init__(self, episodes: Sequence[_Episode], on_image_error: ImageErrorHandler | None) -> None:
         self.episodes, self.on_image_error = episodes, on_image_error
@@ -149,12 +156,44 @@ class _Groups:
             ep.image_error = error
             return None
 
+    def reset(self, seed: int | None) -> None:
+        """Resets every episode's env (`_reset`), a group per thread (`_by_group_in_threads`)."""
+        _by_group_in_threads(self.episodes, lambda ep: ep.group, lambda ep: ep.done or self.guard(ep, _reset, ep, seed))
+
+    def step(self, active: Sequence[_Episode], actions: Sequence[str]) -> dict[int, Any]:
+        """Steps each running episode's env with its action, a group per thread; returns the env's reply by
+        episode index (None: the episode ended). An episode whose group a decode failure stopped earlier
+        in the round is not stepped."""
+        replies: dict[int, Any] = {}
+
+        def step(pair: tuple[_Episode, str]) -> None:
+            ep, action = pair
+            if not ep.done:
+                replies[ep.index] = self.guard(ep, ep.step, action)
+
+        _by_group_in_threads(list(zip(active, actions)), lambda pair: pair[0].group, step)
+        return replies
+
     def intact(self) -> list[_Episode]:
         """The episodes of groups without a decode failure; the handler hears of each failed group once."""
         failed = {ep.group: ep.image_error for ep in reversed(self.episodes) if ep.image_error is not None}
         for error in failed.values():
             self.on_image_error(error)  # type: ignore[misc]  (only a handler records failures)
         return [ep for ep in self.episodes if ep.group not in failed]
+
+
+def _by_group_in_threads(items: Sequence[Any], group_of: Callable[[Any], int], work: Callable[[Any], Any]) -> None:
+    """``work(item)`` for every item, a group per thread, in order within each group.
+
+    An env's reset and step are mostly Pillow's work (decoding or rendering the original, resizing the
+    view, cropping), which releases the GIL, so groups run in parallel; within a group the first episode
+    fills the image cache that the others read. ``work`` touches only its own group's episodes, and every
+    episode's result is what a plain loop gives.
+    """
+    by_group: dict[int, list[Any]] = {}
+    for item in items:
+        by_group.setdefault(group_of(item), []).append(item)
+    map_in_threads(lambda members: [work(item) for item in members], list(by_group.values()))
 
 
 def _reset(ep: _Episode, seed: int | None) -> list[dict[str, Any]]:
@@ -213,9 +252,10 @@ def run_rollouts(
     groups = _Groups(episodes, on_image_error)
     budget = context_budget if context_budget is not None else float("inf")
     bar = _progress(episodes, progress)
+    groups.reset(sampling.seed)
     for ep in episodes:
-        obs = None if ep.done else groups.guard(ep, _reset, ep, sampling.seed)
-        if obs is not None:
+        if not ep.done:
+            obs = ep.observation
             ids = list(adapter.encode_prefix(obs))
             if len(ids) >= budget:
                 _end_by_context(ep)
@@ -237,9 +277,11 @@ def run_rollouts(
             )
             for ep in active
         ]
-        for ep, gen in zip(active, backend.generate(requests, sampling)):
-            if not ep.done:  # a decode failure earlier in this round may have stopped its group
-                groups.guard(ep, _advance, ep, gen, adapter, budget)
+        generations = backend.generate(requests, sampling)
+        replies = groups.step(active, [_record_turn(ep, gen, adapter) for ep, gen in zip(active, generations)])
+        for ep, gen in zip(active, generations):
+            if not ep.done and replies.get(ep.index) is not None:
+                _append_reply(ep, replies[ep.index], gen, adapter, budget)
         bar.update(sum(ep.done for ep in active))
         turn += 1
     bar.close()
@@ -280,20 +322,19 @@ def play_episodes(
     episodes = _make_episodes(samples, group_size, _as_factory(env, env_kwargs), episode_ids)
     groups = _Groups(episodes, on_image_error)
     bar = _progress(episodes, progress)
+    groups.reset(seed)
     for ep in episodes:
-        obs = None if ep.done else groups.guard(ep, _reset, ep, seed)
-        if obs is not None:
-            ep.show(obs, obs)
+        if not ep.done:
+            ep.show(ep.observation, ep.observation)
     bar.update(sum(ep.done for ep in episodes))
     while active := [ep for ep in episodes if not ep.done]:
         actions = agent.act([ep.observation for ep in active], [ep.infos[-1] for ep in active])
         if len(actions) != len(active):
             raise RuntimeError(f"Expects {len(active)} actions from the agent, actual: {len(actions)}")
-        for ep, action in zip(active, actions):
-            if not ep.done:
-                reply = groups.guard(ep, ep.step, action)
-                if reply is not None:
-                    ep.show(reply, ep.observation)
+        replies = groups.step(active, actions)
+        for ep in active:
+            if not ep.done and replies.get(ep.index) is not None:
+                ep.show(replies[ep.index], ep.observation)
         bar.update(sum(ep.done for ep in active))
     bar.close()
     for ep in episodes:
@@ -346,13 +387,18 @@ def _as_factory(env: EnvSpec, env_kwargs: Mapping[str, Any] | None, **options: A
     return env_factory(env, env_kwargs, **options)
 
 
-def _advance(ep: _Episode, gen: Generation, adapter: Any, budget: float) -> None:
-    """Records one generated turn, steps the env, and appends its reply if it fits."""
+def _record_turn(ep: _Episode, gen: Generation, adapter: Any) -> str:
+    """Appends one generated turn to its episode; returns the turn's text, the env's action."""
     ep.append(gen.token_ids, gen.logprobs)
     ep.finish_reasons.append(gen.finish_reason)
-    reply = ep.step(decode_text(adapter, gen.token_ids))
-    if reply is None:
-        return
+    return decode_text(adapter, gen.token_ids)
+
+
+def _append_reply(ep: _Episode, reply: list[dict[str, Any]], gen: Generation, adapter: Any, budget: float) -> None:
+    """Appends the env's reply to the turn ``gen`` if it fits the context budget, else ends the episode.
+
+    Tokenizing stays in one thread (a fast tokenizer's settings are shared state); only the envs run in
+    threads (`_by_group_in_threads`)."""
     ended_turn = bool(gen.token_ids) and gen.token_ids[-1] == adapter.end_of_turn_id
     ids = list(adapter.encode_env_turn(reply[0], ended_turn))
     if len(ep.ids) + len(ids) >= budget:

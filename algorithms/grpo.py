@@ -130,14 +130,14 @@ class GRPO(Trainer):
 
         a = self.cfg.algorithm
         start = time.perf_counter()
-        self.env_seconds = 0.0
+        self.env_clock.reset()
         trajectories, sampled = self.collect()
         rollout_s = time.perf_counter() - start
         self.agent.sleep()  # a colocated vLLM hands its GPU memory to training (hf: frees cached blocks)
         episodes = distributed.gather_episodes(sampled)  # every rank's: the metrics are of the global batch
         metrics = episode_metrics(episodes, "train")
-        metrics["time/env_s"] = self.env_seconds
-        metrics["time/generation_s"] = rollout_s - self.env_seconds
+        metrics["time/env_s"] = self.env_clock.seconds
+        metrics["time/generation_s"] = rollout_s - self.env_clock.seconds
         generated = sum(t.response_length for t in episodes)
         metrics["perf/generated_tokens_per_s"] = generated / max(metrics["time/generation_s"], 1e-9)
         if a.dynamic_sampling:

@@ -34,10 +34,12 @@ folder. A trainer opts in with ``supports_distributed`` (its update must use glo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -178,7 +180,7 @@ class Trainer:
         self._logger: RunLogger | SilentLogger | None = None
         self.log_from_step: int | None = None
         self.unreadable = UnreadableImages()
-        self.env_seconds = 0.0  # time spent inside env reset/step, accumulated by the envs of `env_fn`
+        self.env_clock = EnvClock()  # wall time inside env reset/step, kept by the envs of `env_fn`
 
         datasets = datasets if datasets is not None else load_datasets(config)
         self.train_samples, self.val_sets = datasets.train, datasets.val
@@ -291,8 +293,8 @@ class Trainer:
     # -- rollouts shared by training and validation ----------------------------------------------------
 
     def env_fn(self, sample: Sample, render: bool = False) -> Any:
-        """A fresh env of ``self.env_id`` showing `sample` (`algorithms.build.env_factory`), timed into
-        ``env_seconds``."""
+        """A fresh env of ``self.env_id`` showing `sample` (`algorithms.build.env_factory`), timed by
+        ``env_clock``."""
         return _TimedEnv(env_factory(self.cfg, self.env_id, self.agent, render=render)(sample), self)
 
     def rollout(self, samples: Sequence[Sample], group_size: int, *, greedy: bool, seed: int,
@@ -478,8 +480,43 @@ class SilentLogger:
         """Nothing to close."""
 
 
+class EnvClock:
+    """Wall-clock seconds during which at least one env is inside ``reset``/``step``.
+
+    The rollout engine resets and steps envs a group per thread, so their own times overlap: their sum
+    could exceed the rollout. This counts the union of those intervals, and the rest of a rollout is the
+    backend's (``time/generation_s``).
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._inside = 0
+        self._since = 0.0
+        self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        """Back to zero (at the start of a step)."""
+        with self._lock:
+            self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator[None]:
+        """Counts the block's wall time, once however many threads are inside."""
+        with self._lock:
+            if self._inside == 0:
+                self._since = time.perf_counter()
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inside -= 1
+                if self._inside == 0:
+                    self.seconds += time.perf_counter() - self._since
+
+
 class _TimedEnv:
-    """Wraps an env to add the seconds spent in ``reset``/``step`` to ``trainer.env_seconds``."""
+    """Wraps an env so that its ``reset``/``step`` run under ``trainer.env_clock``."""
 
     def __init__(self, env: Any, trainer: Trainer) -> None:
         self.env, self._trainer = env, trainer
@@ -488,15 +525,9 @@ class _TimedEnv:
         return getattr(self.env, name)
 
     def reset(self, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
+        with self._trainer.env_clock.timing():
             return self.env.reset(**kwargs)
-        finally:
-            self._trainer.env_seconds += time.perf_counter() - start
 
     def step(self, action: Any) -> Any:
-        start = time.perf_counter()
-        try:
+        with self._trainer.env_clock.timing():
             return self.env.step(action)
-        finally:
-            self._trainer.env_seconds += time.perf_counter() - start

@@ -215,3 +215,63 @@ def test_an_env_option_error_never_prints_the_dataset(samples):
     with pytest.raises(TypeError) as error:
         env_factory("zoomgym/ZoomEnv-v0", {"clamp": "maybe"})(heavy)
     assert "Expects clamp to be a bool" in str(error.value) and len(str(error.value)) < 300
+
+
+class _ThreadRecorder:
+    """Records which thread ran each reset and step (episode seed order within a thread)."""
+
+    def __init__(self, env, log):
+        self.env, self.log = env, log
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def reset(self, **kwargs):
+        import threading
+
+        self.log.append(("reset", kwargs["options"]["sample"].id, kwargs.get("seed"), threading.get_ident()))
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        import threading
+
+        self.log.append(("step", self.env.unwrapped._sample.id, None, threading.get_ident()))
+        return self.env.step(action)
+
+
+def test_envs_run_a_group_per_thread_and_the_episodes_are_those_of_a_plain_loop(tiny_agent, samples, monkeypatch):
+    """Resets and steps run in a pool of threads, a group's in order in one thread;
+    the trajectories equal those of the same rollout with every env in the calling thread."""
+    import os
+    import threading
+
+    from zoomgym.agents import rollout
+    from zoomgym.agents.rollout import env_factory
+
+    make = env_factory("zoomgym/ZoomEnv-v0", view_budget=tiny_agent.view_budget, coord_frame=tiny_agent.coord_frame)
+    sampling = SamplingParams(temperature=1.0, seed=3, max_new_tokens=6)
+
+    def play(log):
+        return tiny_agent.rollout(samples, 3, lambda s: _ThreadRecorder(make(s), log), sampling)
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)  # 4 workers anywhere
+    threaded_log: list = []
+    threaded = play(threaded_log)
+    monkeypatch.setattr(rollout, "map_in_threads", lambda function, items: [function(item) for item in items])
+    plain_log: list = []
+    plain = play(plain_log)
+
+    assert [t.input_ids.tolist() for t in threaded] == [t.input_ids.tolist() for t in plain]
+    assert all(torch.equal(a.sampling_logprobs, b.sampling_logprobs) and a.reward == b.reward and a.infos == b.infos
+               for a, b in zip(threaded, plain))
+    assert {ident for *_, ident in plain_log} == {threading.get_ident()}
+    resets = [entry for entry in threaded_log if entry[0] == "reset"]
+    thread_of = {}
+    for _, sample_id, _, ident in resets:
+        thread_of.setdefault(sample_id, set()).add(ident)
+    assert all(len(idents) == 1 for idents in thread_of.values())  # a group's resets in one thread
+    assert threading.get_ident() not in set().union(*thread_of.values())  # in the pool's threads
+    for sample_id in thread_of:  # in order within the group: its seeds ascend
+        seeds = [seed for _, sid, seed, _ in resets if sid == sample_id]
+        assert seeds == sorted(seeds) and len(seeds) == 3
+    assert any(entry[0] == "step" and entry[3] != threading.get_ident() for entry in threaded_log)

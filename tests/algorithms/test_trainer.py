@@ -392,3 +392,33 @@ def test_runs_are_named_after_the_algorithm() -> None:
     quickstart = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
     assert default_run_dir(load_config(quickstart)).startswith("runs/mgpo-quickstart-")
     assert default_run_dir(load_config(quickstart, ["algorithm.name=grpo"])).startswith("runs/grpo-quickstart-")
+
+
+def test_env_clock_counts_overlapping_env_calls_once():
+    """Envs reset and step a group per thread: the clock counts the wall time with any env inside."""
+    import threading
+    import time
+
+    from zoomgym.algorithms.trainer import EnvClock
+
+    clock = EnvClock()
+    inside = threading.Barrier(2)
+
+    def busy() -> None:
+        with clock.timing():
+            inside.wait()  # both threads are inside together
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=busy) for _ in range(2)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    assert 0.2 <= clock.seconds <= wall  # once, not 0.4
+    with clock.timing():
+        time.sleep(0.05)
+    assert clock.seconds >= 0.25
+    clock.reset()
+    assert clock.seconds == 0.0
