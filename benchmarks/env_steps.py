@@ -9,10 +9,15 @@ new image object each time, also misses the env's cache of resized views).
 Each group starts from an empty cache, so "shared" includes the group's one decode. The oracle
 agent (`agents.scripted.OracleAgent`) acts, so every episode is reset + 2 steps (zoom, answer).
 
+``--batch B`` adds a second table: B groups of distinct images of the first size through the rollout
+engine (`agents.rollout.play_episodes`), its envs a group per thread (as it runs them) vs every env in
+the calling thread, from an empty cache each time.
+
 Usage::
 
     .venv/bin/python benchmarks/env_steps.py              # 4K and 8K, G=8, 3 groups per setting
     .venv/bin/python benchmarks/env_steps.py --sizes 4k --groups 5
+    .venv/bin/python benchmarks/env_steps.py --sizes 4k --batch 8   # also B = 8 groups, threads vs one thread
 
 Prints a Markdown table (median over groups).
 """
@@ -30,6 +35,7 @@ from pathlib import Path
 import gymnasium
 import numpy as np
 from PIL import Image
+from zoomgym.agents import rollout
 from zoomgym.agents.scripted import OracleAgent
 from zoomgym.envs.data import Sample, clear_image_cache, image_cache_info, set_image_cache_capacity
 from zoomgym.envs.geometry import Box
@@ -65,11 +71,28 @@ def run_group(env: gymnasium.Env, agent: OracleAgent, group_size: int) -> tuple[
     return time.perf_counter() - start, steps
 
 
+def run_batch(samples: list[Sample], group_size: int, threads: bool) -> float:
+    """Seconds for the groups of ``samples`` through the rollout engine, from an empty cache."""
+    clear_image_cache()
+    spread = rollout.map_in_threads
+    if not threads:
+        rollout.map_in_threads = lambda function, items: [function(item) for item in items]
+    try:
+        start = time.perf_counter()
+        played = rollout.play_episodes(OracleAgent(), samples, group_size, "zoomgym/ZoomEnv-v0", progress=False)
+        seconds = time.perf_counter() - start
+    finally:
+        rollout.map_in_threads = spread
+    assert all(t.reward == 1.0 for t in played), "the oracle must answer right"
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["4k", "8k"])
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--groups", type=int, default=3, help="groups timed per setting (median reported)")
+    parser.add_argument("--batch", type=int, default=0, help="B groups through the rollout engine (0: skip)")
     args = parser.parse_args()
 
     capacity = image_cache_info().max_bytes
@@ -112,7 +135,20 @@ def main() -> None:
                     )
                 )
             env.close()
-    set_image_cache_capacity(capacity)
+        set_image_cache_capacity(capacity)
+        batch_rows = []
+        if args.batch:
+            name = args.sizes[0]
+            samples = []
+            for b in range(args.batch):
+                path = Path(folder) / f"batch-{b}.jpg"
+                photo_like_jpeg(path, SIZES[name], seed=b + 1)
+                w, h = SIZES[name]
+                samples.append(Sample(f"batch-{b}", path, "What is in the box?", ("a", "b", "c", "d"), "C",
+                                      boxes=(Box(0.7 * w, 0.6 * h, 0.7 * w + 300, 0.6 * h + 200),)))
+            run_batch(samples[:1], 1, threads=False)  # warm-up
+            for threads in (False, True, False, True):  # alternated: both see the same load
+                batch_rows.append((threads, run_batch(samples, args.group_size, threads)))
 
     print(
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
@@ -125,6 +161,16 @@ def main() -> None:
         print(
             f"| {name} ({dims}) | {nbytes / 1e6:.1f} MB | {mode} | {rate:.1f} | {seconds:.2f} | {n_decodes:g} |"
         )
+    if batch_rows:
+        episodes = args.batch * args.group_size
+        print(f"\n{args.batch} groups x {args.group_size} oracle rollouts of {args.sizes[0]} JPEGs through the rollout "
+              f"engine (best of 2)\n")
+        print("| envs | seconds | env steps/s |")
+        print("|---|---|---|")
+        for threads in (False, True):
+            best = min(seconds for t, seconds in batch_rows if t == threads)
+            label = "a group per thread" if threads else "all in the calling thread"
+            print(f"| {label} | {best:.2f} | {2 * episodes / best:.1f} |")  # zoom + answer per episode
 
 
 if __name__ == "__main__":
