@@ -49,6 +49,7 @@ from zoomgym.agents.backends.base import (
     has_stop_strings,
     placeholder_ids,
 )
+from zoomgym.agents.backends.cascade import GroupCache, SharedPrefix, group_attention
 from zoomgym.agents.models.unique_images import unique_image_inputs, with_image_features
 from zoomgym.agents.scoring import next_token_logprobs
 
@@ -132,34 +133,26 @@ class HFBackend:
         device = self.device
         n = len(requests)
         prefills, source = _plan_prefills(requests, kept)
-        past_width = max((len(p.past.ids) for p in prefills if p.past is not None), default=0)
         width = max(len(p.ids) for p in prefills)
         input_ids = torch.full((len(prefills), width), self.adapter.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prefills), past_width + width), dtype=torch.long)
+        new_mask = torch.zeros((len(prefills), width), dtype=torch.long)
         for row, p in enumerate(prefills):
             input_ids[row, width - len(p.ids) :] = torch.tensor(p.ids, dtype=torch.long)
-            attention_mask[row, past_width + width - len(p.ids) :] = 1
-            if p.past is not None:
-                attention_mask[row, past_width - len(p.past.ids) : past_width] = 1
+            new_mask[row, width - len(p.ids) :] = 1
         pixels = unique_image_inputs(self.adapter, [im for p in prefills for im in p.images])
         pixels = {k: v.to(device) for k, v in pixels.items()}
-        inputs = self.adapter.forward_kwargs(
-            self.model, input_ids.to(device), attention_mask[:, past_width:].to(device), **pixels
-        )
+        new_mask = new_mask.to(device)
+        inputs = self.adapter.forward_kwargs(self.model, input_ids.to(device), new_mask, **pixels)
         offset = torch.tensor([0 if p.past is None else p.past.next_position for p in prefills], device=device)
         next_pos = inputs["position_ids"].amax(dim=(0, 2)) + 1 + offset  # (rows,): first free text position
         inputs["position_ids"] = inputs["position_ids"] + offset.view(1, -1, 1)  # pads too: they are masked
-        inputs["attention_mask"] = attention_mask = attention_mask.to(device)
-        past = self._past_cache(prefills, past_width) if past_width else None
-        out = self.model(**with_image_features(self.model, inputs), past_key_values=past, use_cache=True,
-                         logits_to_keep=1)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-        if len(prefills) < n:  # fork the shared rows
-            index = torch.tensor(source, device=device)
-            cache.batch_select_indices(index)
-            logits, attention_mask, next_pos = logits[index], attention_mask[index], next_pos[index]
-        # A sliding-window layer holds only its window: such a cache cannot be cut out and extended.
-        keeps = not any(layer.is_sliding for layer in cache.layers)
+        inputs = with_image_features(self.model, inputs)
+        rows = _PlainRows(self.model) if _has_sliding_layers(self.model) else _GroupRows(self.model, prefills, device)
+        inputs["attention_mask"] = rows.mask(new_mask)
+        logits = rows.forward(**inputs, logits_to_keep=1)
+        index = torch.tensor(source, device=device)  # fork the shared rows
+        rows.fork(index, torch.tensor([p.past is None for p in prefills], device=device))
+        logits, next_pos = logits[index], next_pos[index]
 
         generators = [_generator(r.seed, device) for r in requests]
         tokens: list[list[int]] = [[] for _ in requests]
@@ -181,13 +174,12 @@ class HFBackend:
             for row, i in enumerate(active):
                 if requests[i].forced_ids is not None:
                     new[row] = requests[i].forced_ids[step]
-            new_logp = logp.gather(-1, new[:, None])[:, 0]
+            new_logp = logp.gather(-1, new[:, None])[:, 0].tolist()
             keep: list[int] = []
-            for row, i in enumerate(active):
+            for row, (i, tok) in enumerate(zip(active, new.tolist())):
                 forced = requests[i].forced_ids
-                tok = int(new[row])
                 tokens[i].append(tok)
-                logprobs[i].append(float(new_logp[row]))
+                logprobs[i].append(new_logp[row])
                 limit = requests[i].max_new_tokens if forced is None else min(len(forced), requests[i].max_new_tokens)
                 if tok in eos:
                     reasons[i] = "eos"
@@ -196,50 +188,31 @@ class HFBackend:
                 elif len(tokens[i]) < limit:
                     keep.append(row)
                     continue
-                if keeps and requests[i].cache_key is not None:
+                if rows.keeps and requests[i].cache_key is not None:
                     # The row holds the prompt and the `step` tokens fed so far (not the one just drawn).
-                    held = attention_mask[row].bool()
+                    prefix, own = rows.cache.kept(row)
                     self._kept[requests[i].cache_key] = _Kept(
                         ids=[*requests[i].prompt_ids, *tokens[i][:-1]],
                         images=list(requests[i].images),
                         next_position=int(next_pos[row]) + step,
-                        layers=[(layer.keys[row][:, held], layer.values[row][:, held]) for layer in cache.layers],
+                        prefix=prefix,
+                        layers=own,
                     )
             if not keep:
                 break
             if len(keep) < len(active):
                 index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                attention_mask, next_pos, new = attention_mask[index], next_pos[index], new[index]
+                rows.select(index)
+                next_pos, new = next_pos[index], new[index]
                 active = [active[row] for row in keep]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
             position_ids = (next_pos + step).view(1, -1, 1).expand(3, -1, -1)
-            out = self.model(
+            logits = rows.forward(
                 input_ids=new[:, None],
-                attention_mask=attention_mask,
+                attention_mask=rows.mask(torch.ones((len(active), 1), dtype=torch.long, device=device)),
                 position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
             )
-            cache, logits = out.past_key_values, out.logits[:, -1]
             step += 1
         return [Generation(t, lp, r) for t, lp, r in zip(tokens, logprobs, reasons)]  # type: ignore[arg-type]
-
-    def _past_cache(self, prefills: Sequence[_Prefill], width: int) -> DynamicCache:
-        """The kept caches of the prefill rows as one batch cache, each left-padded to ``width`` (rows
-        without one are all padding; the attention mask hides the pads)."""
-        template = next(p.past for p in prefills if p.past is not None)
-        layers = []
-        for layer, (keys, _) in enumerate(template.layers):
-            shape = (len(prefills), keys.shape[0], width, keys.shape[2])
-            batch_keys, batch_values = keys.new_zeros(shape), keys.new_zeros(shape)
-            for row, p in enumerate(prefills):
-                if p.past is not None:
-                    k, v = p.past.layers[layer]
-                    batch_keys[row, :, width - k.shape[1] :] = k
-                    batch_values[row, :, width - v.shape[1] :] = v
-            layers.append((batch_keys, batch_values))
-        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
 
     def load_weights(self, state_dict: Mapping[str, Any], version: int) -> None:
         """Copies the trainer's tensors into the model in place (a no-op copy when they are shared) and
@@ -270,6 +243,68 @@ class HFBackend:
         self._kept = {}
 
 
+def _has_sliding_layers(model: Any) -> bool:
+    """Whether a decoder layer attends within a sliding window (its cache holds the window only)."""
+    return any(layer.is_sliding for layer in DynamicCache(config=model.config).layers)
+
+
+class _GroupRows:
+    """The rows of a batch over a `GroupCache` (each group's shared prefix once): the default path."""
+
+    keeps = True
+
+    def __init__(self, model: Any, prefills: Sequence[_Prefill], device: torch.device) -> None:
+        self.model = model
+        self.cache = GroupCache.for_prefill(
+            [(None, None) if p.past is None else (p.past.prefix, p.past.layers) for p in prefills],
+            model.config.get_text_config().num_hidden_layers, device)
+
+    def mask(self, new_valid: torch.Tensor) -> dict[str, Any]:
+        return self.cache.mask(new_valid)
+
+    def forward(self, **inputs: Any) -> torch.Tensor:
+        """The last position's logits of a forward that extends the cache."""
+        with group_attention(self.model):
+            out = self.model(**inputs, past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+    def fork(self, index: torch.Tensor, fresh: torch.Tensor) -> None:
+        """After the prefill: the rows without a prefix (``fresh``) become their groups' prefixes, then
+        each request reads row ``index[i]``."""
+        self.cache.promote(fresh)
+        self.cache.batch_select_indices(index)
+
+    def select(self, index: torch.Tensor) -> None:
+        self.cache.batch_select_indices(index)
+
+
+class _PlainRows:
+    """The rows of a batch over a ``DynamicCache`` with a padding mask: models with sliding-window layers,
+    whose caches are never kept (a window cannot be cut out and extended)."""
+
+    keeps = False
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self.attention_mask: torch.Tensor | None = None
+
+    def mask(self, new_valid: torch.Tensor) -> torch.Tensor:
+        past = self.attention_mask
+        self.attention_mask = new_valid if past is None else torch.cat([past, new_valid], dim=1)
+        return self.attention_mask
+
+    def forward(self, **inputs: Any) -> torch.Tensor:
+        return self.model(**inputs, past_key_values=self.cache, use_cache=True).logits[:, -1]
+
+    def fork(self, index: torch.Tensor, fresh: torch.Tensor) -> None:
+        self.select(index)
+
+    def select(self, index: torch.Tensor) -> None:
+        self.cache.batch_select_indices(index)
+        self.attention_mask = self.attention_mask[index]
+
+
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     if seed is None:
         return None
@@ -285,7 +320,8 @@ class _Kept:
     ids: list[int]  # the tokens it holds: the prompt and every generated token but the last (never fed)
     images: list[Any]  # the images among ``ids``, in order
     next_position: int  # the M-RoPE position of the token after ``ids``
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # keys and values per layer, (heads, len(ids), head_dim)
+    prefix: SharedPrefix | None  # the keys and values of its group's shared prefix (the same object in the group)
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # its own keys and values after it per layer, (heads, n, head_dim)
 
     def extended_by(self, request: GenerationRequest) -> bool:
         """Whether ``request``'s prompt is these ids and images with at least one token appended."""
