@@ -11,19 +11,22 @@ and growing the cache by one token copies all of it. Here, per layer of the text
   prefix) in a preallocated buffer whose capacity doubles when full, every row writing the same columns
   ``[0, length)``; ``valid (B, cap)`` marks which columns of a row hold a token (pads do not).
 
-Attention of a query ``q`` of row ``b`` splits over the two parts, each a softmax over its own keys::
+A decode step (one new token per row, where the time goes) attends to the two parts apart, each a
+softmax over its own keys, for a query ``q`` of row ``b``::
 
-    s_1 = q K_1[g(b)]^T / sqrt(d),  m_1 = max s_1,  z_1 = sum exp(s_1 - m_1),  o_1 = exp(s_1 - m_1) V_1[g(b)]
-    s_2 = q K_2[b]^T / sqrt(d) (own columns, causal within the new ones),  m_2, z_2, o_2 alike
+    s_1 = q K_1[g(b)]^T / sqrt(d) + bias_1,  m_1 = max s_1,  z_1 = sum exp(s_1 - m_1),  o_1 = exp(s_1 - m_1) V_1[g(b)]
+    s_2 = q K_2[b]^T / sqrt(d) + bias_2 (the row's valid own columns),  m_2, z_2, o_2 alike
     out = (e^(m_1 - m) o_1 + e^(m_2 - m) o_2) / (e^(m_1 - m) z_1 + e^(m_2 - m) z_2),  m = max(m_1, m_2)
 
-which is the softmax over the concatenated keys exactly (the log-sum-exp merge, ``m_1 = -inf`` for a row
-without a prefix). Part 1 batches the queries of a group's rows against its one prefix: a matrix product
-per group instead of one matrix-vector product per row. Grouped-query attention needs no ``repeat_kv``:
-the ``n_rep`` query heads of a key/value head are folded into the query dimension. A pad query (left
-padding of a chunk) always sees its own column, so no row is all ``-inf`` and no NaN reaches the valid
-rows through a pad's values. Chunks of many queries are cut so that a chunk's scores stay under
-``SCORE_BUDGET`` elements.
+which is the softmax over the concatenated keys exactly (the log-sum-exp merge; ``m_1 = -inf`` for a row
+without a prefix), scores and sums in float32 at least. Part 1 batches the queries of a group's rows
+against its one prefix: one matrix product per group instead of one matrix-vector product per row.
+Grouped-query attention needs no ``repeat_kv``: the ``n_rep`` query heads of a key/value head are
+folded into the query dimension. A prefill chunk (many new tokens per row, causal among them) is a
+matrix product per row already, so sharing would save little next to the fused kernel: it goes through
+``scaled_dot_product_attention`` over the group's prefix gathered in front of the row's own columns,
+with one additive mask per forward. A pad of a chunk always sees its own column, so no row of scores
+is all ``-inf`` and no NaN reaches the valid tokens through a pad's values.
 
 Wiring, through transformers' own extension points: the cache is a ``transformers.Cache`` of
 `GroupLayer`s (the attention modules call its ``update``); the text decoder receives the ready mask as
@@ -187,7 +190,7 @@ class GroupCache(Cache):
                 members[slot[row]] = row
         device = self.valid.device
         self.members = torch.tensor(members, dtype=torch.long, device=device)
-        self.slot = torch.tensor(slot, dtype=torch.long, device=device)
+        self.slot_read = torch.tensor(slot, dtype=torch.long, device=device).clamp_(min=0)  # -1: any slot
         self.has_prefix = self.group >= 0
         self.all_have_prefix = bool(self.has_prefix.all())
 
@@ -286,7 +289,7 @@ class GroupMask:
         if cache.prefixes:
             prefix = cache.prefix_valid[cache.group.clamp(min=0)] & cache.has_prefix[:, None]
             own = torch.cat([prefix[:, None, :].expand(-1, own.shape[1], -1), own], dim=2)
-        self.allowed = own[:, None]  # (B, 1, Q, L_p + L)
+        self.bias = _bias(own[:, None])  # (B, 1, Q, L_p + L), additive: SDPA would convert a bool mask per call
 
     def attend(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
@@ -302,7 +305,7 @@ class GroupMask:
             key = torch.cat([layer.prefix_keys[rows], key], dim=2)
             value = torch.cat([layer.prefix_values[rows], value], dim=2)
         out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=self.allowed, scale=scaling, enable_gqa=True)
+            query, key, value, attn_mask=self.bias.to(query.dtype), scale=scaling, enable_gqa=True)
         return out.transpose(1, 2)
 
     def _decode(self, layer: GroupLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -311,7 +314,7 @@ class GroupMask:
         batch, heads, _, dim = query.shape
         kv_heads = key.shape[1]
         rep = heads // kv_heads
-        folded = query.view(batch, kv_heads, rep, dim)  # head h = kv * rep + r reads kv head kv
+        folded = query.reshape(batch, kv_heads, rep, dim)  # head h = kv * rep + r reads kv head kv
         own_max, own_sum, own_out = _part(folded, key, value, self.own_bias[:, :, :, 0], scaling)
         if layer.prefix_keys is None:
             return (own_out / own_sum).to(query.dtype).view(batch, heads, 1, dim)
@@ -324,7 +327,7 @@ class GroupMask:
         # Back to rows: (P, H_kv, G_max * rep, x) -> (B, H_kv, rep, x).
         prefix_max, prefix_sum, prefix_out = (
             t.view(groups, kv_heads, size, rep, -1).transpose(1, 2).reshape(groups * size, kv_heads, rep, -1)[
-                cache.slot.clamp(min=0)]
+                cache.slot_read]
             for t in parts)
         if not cache.all_have_prefix:  # a row without a group has an empty part 1
             prefix_max = prefix_max.masked_fill(~cache.has_prefix.view(-1, 1, 1, 1), float("-inf"))

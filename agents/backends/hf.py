@@ -10,22 +10,32 @@ One turn of a batch:
 1. prefill: each request's prompt is split into a kept prefix (the KV cache its conversation left in
    the previous call, see below) and the ids after it; keyed prompts that are identical and have no
    kept prefix (the G rollouts of a group in their first turn) become one row. The rows' new ids are
-   **left**-padded to a common length behind their kept caches, themselves left-padded to a common
-   length: ``[pads | kept | pads | new]``, pads masked out. ``position_ids (3, B, L)`` of the new ids
+   **left**-padded to a common length, pads masked out. ``position_ids (3, B, L)`` of the new ids
    come from the model's own rope index over them alone, computed with the attention mask (pads get
    no positions), shifted by the kept prefix's next position; each text run and image of the rope
    index starts where the last one ended, so these are exactly the positions of the whole prompt;
-2. fork: a shared row's cache and logits are copied to each of its requests (``Cache.batch_select_indices``);
+2. fork: a row without a kept prefix becomes its group's **shared prefix**, and each of its requests
+   reads it (`agents.backends.cascade`: stored once per group, never copied G ways);
 3. decode: row ``i``'s ``k``-th new token sits at text position ``next_pos[i] + k`` on all three M-RoPE
    axes, where ``next_pos[i] = max(prompt positions of row i) + 1``; rows that finish leave the batch
-   and the KV cache.
+   and the cache.
 
-Kept caches: when a keyed request finishes, its keys and values (pads dropped) are kept under its
-``cache_key`` with the ids they hold (the prompt and the generated tokens but the last, which was never
-fed) and the next position. The next call's request with that key reuses them if its prompt extends
-those ids with the same images, and prefills only what the rollout engine appended (the last token,
-the env's reply, a crop). A kept cache serves the next call only; ``load_weights`` and ``sleep`` drop
-them all, so no cache computed with old weights is ever read.
+The cache (`agents.backends.cascade.GroupCache`) holds per layer each group's shared prefix once and
+each row's own tokens (its generated tokens and what its later turns appended) in a buffer whose
+capacity doubles; a decode step attends to the two parts apart, the queries of a group's rows batched
+against their one prefix, and merges them exactly (log-sum-exp). Only the text decoder's attention is
+switched, for the generation forwards alone; the vision tower and the training forward
+(`agents.scoring`) keep the model's own attention and numerics. A model with sliding-window layers
+takes the plain path instead: a ``DynamicCache`` with a padding mask, nothing kept.
+
+Kept caches: when a keyed request finishes, its group's prefix (the same object for the whole group) and
+its own keys and values (pads dropped) are kept under its ``cache_key`` with the ids they hold (the
+prompt and the generated tokens but the last, which was never fed) and the next position. The next
+call's request with that key reuses them if its prompt extends those ids with the same images, and
+prefills only what the rollout engine appended (the last token, the env's reply, a crop); requests that
+kept the same prefix form a group again, so a group's first prompt is stored and read once in every
+turn. A kept cache serves the next call only; ``load_weights`` and ``sleep`` drop them all, so no cache
+computed with old weights is ever read.
 
 Draws: greedy is argmax; otherwise ``p = softmax(logits / T)``, truncated to the smallest set of
 tokens whose mass reaches ``top_p`` and renormalised, drawn with the row's own ``torch.Generator``
@@ -61,6 +71,11 @@ def sample_next(
 
     Greedy takes the argmax; otherwise ``p = exp(logp)`` is cut to the smallest top set whose mass
     reaches ``top_p``, renormalised, and drawn with the row's generator (``None``: the global RNG).
+
+    The draw is ``torch.multinomial(p_i, 1, generator=g_i)`` row by row, computed as torch computes it
+    (``argmax(p_i / q_i)`` with ``q_i ~ Exp(1)`` drawn by ``g_i`` over the vocabulary, the Gumbel-max
+    trick): the same tokens from the same generator states, with only the exponential draws per row
+    and the division and argmax batched.
     """
     if sampling.greedy:
         return logp.argmax(dim=-1)
@@ -70,7 +85,10 @@ def sample_next(
         # Keep a token while the mass before it is below top_p (the top token is always kept).
         drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= sampling.top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
+    noise = torch.empty_like(probs)
+    for row, generator in zip(noise, generators):
+        row.exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
 
 
 class HFBackend:

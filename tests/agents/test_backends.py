@@ -84,6 +84,12 @@ def test_sample_next_greedy_top_p_and_seeds():
         return [sample_next(logp, SamplingParams(), gens).tolist() for _ in range(20)]
 
     assert draws(5) == draws(5) and draws(5) != draws(6)
+    # Each row draws what torch.multinomial draws from its generator alone (seeded draws must not
+    # depend on the batch, nor change from the loop of multinomials this replaced).
+    wide = torch.log_softmax(torch.randn(6, 300, generator=torch.Generator().manual_seed(1)), dim=-1)
+    batched = sample_next(wide, SamplingParams(), [torch.Generator().manual_seed(s) for s in range(6)])
+    for seed, token in enumerate(batched.tolist()):
+        assert token == torch.multinomial(wide[seed].exp(), 1, generator=torch.Generator().manual_seed(seed)).item()
     # top_p = 0.9 of [0.03, 0.64, 0.09, 0.24]: tokens 1, 3, 2 are kept (mass before 2 is 0.88 < 0.9).
     gens = [torch.Generator().manual_seed(0)] * 2
     seen = {t for _ in range(200) for t in sample_next(logp, SamplingParams(top_p=0.9), gens).tolist()}
