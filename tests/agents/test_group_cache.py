@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from zoomgym.agents.backends.base import SamplingParams
-from zoomgym.agents.backends.cascade import GroupCache, SharedPrefix, group_attention
+from zoomgym.agents.backends.cascade import GroupCache, GroupLayer, SharedPrefix, group_attention
 from zoomgym.agents.backends.hf import HFBackend
 from zoomgym.agents.rollout import run_rollouts
 
@@ -228,3 +228,23 @@ def test_unkeyed_requests_are_prefilled_whole(tiny_agent, samples):
     assert not tiny_agent.backend._kept
     assert [g.token_ids for g in keyed] == [g.token_ids for g in unkeyed]
     assert max(abs(a - b) for x, y in zip(keyed, unkeyed) for a, b in zip(x.logprobs, y.logprobs)) < CACHE_TOL
+
+
+def test_bf16_models_keep_their_dtype(tiny_model_dir, samples, monkeypatch):
+    """Nothing assumes float32: a bf16 model's caches are bf16 and its log-probs stay near the trainer's
+    (bf16 roundings differ between the two forwards; float32 is where they match to 1e-6)."""
+    from zoomgym.agents.lmm import LMMAgent
+
+    agent = LMMAgent.from_pretrained(tiny_model_dir, dtype="bfloat16")
+    seen = []
+    update = GroupLayer.update
+
+    def record(self, key_states, value_states, *args, **kwargs):
+        seen.append(key_states.dtype)
+        return update(self, key_states, value_states, *args, **kwargs)
+
+    monkeypatch.setattr(GroupLayer, "update", record)
+    played = agent.rollout(samples[:2], 2, "zoomgym/ZoomEnv-v0", SamplingParams(temperature=1.0, seed=3, max_new_tokens=6))
+    assert set(seen) == {torch.bfloat16} and all(t.num_turns == 2 for t in played)
+    assert per_row_gap(agent, played, 1.0) < 0.03  # measured 3e-3
+    assert all(kept.layers[0][0].dtype == torch.bfloat16 for kept in agent.backend._kept.values())
