@@ -193,6 +193,11 @@ class GroupCache(Cache):
         self.slot_read = torch.tensor(slot, dtype=torch.long, device=device).clamp_(min=0)  # -1: any slot
         self.has_prefix = self.group >= 0
         self.all_have_prefix = bool(self.has_prefix.all())
+        self.prefix_bias = _bias(self.prefix_valid)  # (P, L_p)
+        # (B, L_p): each row's group prefix, all -inf for a row without one (its prefix part is empty)
+        self.row_prefix_bias = (self.prefix_bias[self.group.clamp(min=0)].masked_fill_(~self.has_prefix[:, None],
+                                                                                        float("-inf"))
+                                if self.prefixes else None)
 
     def mask(self, new_valid: torch.Tensor) -> dict[str, GroupMask]:
         """The ``attention_mask`` argument of the next forward, whose ``Q`` new tokens per row are valid where
@@ -202,8 +207,9 @@ class GroupCache(Cache):
         return {"full_attention": GroupMask(self, start)}
 
     def promote(self, fresh: torch.Tensor) -> None:
-        """After a prefill: the rows ``fresh (B,)`` bool (no prefix before it) become groups of their own,
-        their columns so far their group's prefix (the fork then shares it between the rows that read it)."""
+        """After a prefill: the rows ``fresh (B,)`` bool (rows without a prefix that several requests read)
+        become groups of their own, their columns so far the group's prefix (the fork then shares it
+        between the rows that read it)."""
         rows = fresh.nonzero()[:, 0]
         if len(rows) == 0:
             return
@@ -278,28 +284,33 @@ class GroupMask:
     def __init__(self, cache: GroupCache, start: int) -> None:
         self.cache = cache
         length = cache.length
+        # The split pays where a group has rows to share its prefix; a chunk, or a batch of groups of one
+        # row (nothing shared), takes the fused kernel.
+        self.split = length - start == 1 and cache.group_size > 1
         if length - start == 1:  # decode: the new token is valid and the last column
-            self.own_bias = _bias(cache.valid)[:, None, None, None, :]  # (B, 1, 1, 1, L): kv heads, folded heads
-            self.prefix_bias = _bias(cache.prefix_valid)[:, None, None, :]  # (P, 1, 1, L_p)
-            return
-        # A chunk: valid own columns up to the token's own, and its own (a pad's too); its group's prefix.
-        col = torch.arange(length, device=cache.valid.device)
-        new = torch.arange(start, length, device=cache.valid.device)[:, None]
-        own = (cache.valid[:, None, :] & (col <= new)) | (col == new)  # (B, Q, L)
-        if cache.prefixes:
-            prefix = cache.prefix_valid[cache.group.clamp(min=0)] & cache.has_prefix[:, None]
-            own = torch.cat([prefix[:, None, :].expand(-1, own.shape[1], -1), own], dim=2)
-        self.bias = _bias(own[:, None])  # (B, 1, Q, L_p + L), additive: SDPA would convert a bool mask per call
+            own = cache.valid[:, None, :]
+        else:  # valid own columns up to the token's own, and its own (a pad's too)
+            col = torch.arange(length, device=cache.valid.device)
+            new = torch.arange(start, length, device=cache.valid.device)[:, None]
+            own = (cache.valid[:, None, :] & (col <= new)) | (col == new)  # (B, Q, L)
+        own_bias = _bias(own[:, None])  # (B, 1, Q, L), additive: SDPA would convert a bool mask per call
+        if self.split:
+            self.own_bias = own_bias  # (B, 1, 1, L): kv heads, folded heads
+        elif cache.prefixes:
+            prefix = cache.row_prefix_bias[:, None, None, :].expand(-1, 1, own.shape[1], -1)
+            self.bias = torch.cat([prefix, own_bias], dim=3)  # (B, 1, Q, L_p + L)
+        else:
+            self.bias = own_bias
 
     def attend(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
         """``(B, Q, H, d)`` attention output of ``query (B, H, Q, d)`` over each row's group prefix and its
         own columns ``key``/``value (B, H_kv, L, d)``."""
         layer = self.cache.layers[module.layer_idx]
-        if query.shape[2] == 1:
+        if self.split:
             return self._decode(layer, query, key, value, scaling).transpose(1, 2)
-        # Many queries per row are matrix products already: sharing the prefix would save little next to
-        # the fused kernel, which reads the group's prefix gathered in front of the row's own columns.
+        # Many queries per row are matrix products already, and a group of one row shares nothing: the fused
+        # kernel reads the group's prefix gathered in front of the row's own columns.
         if layer.prefix_keys is not None:
             rows = self.cache.group.clamp(min=0)
             key = torch.cat([layer.prefix_keys[rows], key], dim=2)
@@ -315,7 +326,7 @@ class GroupMask:
         kv_heads = key.shape[1]
         rep = heads // kv_heads
         folded = query.reshape(batch, kv_heads, rep, dim)  # head h = kv * rep + r reads kv head kv
-        own_max, own_sum, own_out = _part(folded, key, value, self.own_bias[:, :, :, 0], scaling)
+        own_max, own_sum, own_out = _part(folded, key, value, self.own_bias, scaling)
         if layer.prefix_keys is None:
             return (own_out / own_sum).to(query.dtype).view(batch, heads, 1, dim)
         cache = self.cache
@@ -323,7 +334,7 @@ class GroupMask:
         # The rep queries of each of a group's slots against its one prefix: (P, H_kv, G_max * rep, d).
         grouped = folded[cache.members].view(groups, size, kv_heads, rep, dim).transpose(1, 2)
         grouped = grouped.reshape(groups, kv_heads, size * rep, dim)
-        parts = _part(grouped, layer.prefix_keys, layer.prefix_values, self.prefix_bias, scaling)
+        parts = _part(grouped, layer.prefix_keys, layer.prefix_values, cache.prefix_bias[:, None, None, :], scaling)
         # Back to rows: (P, H_kv, G_max * rep, x) -> (B, H_kv, rep, x).
         prefix_max, prefix_sum, prefix_out = (
             t.view(groups, kv_heads, size, rep, -1).transpose(1, 2).reshape(groups * size, kv_heads, rep, -1)[

@@ -44,6 +44,7 @@ tokens whose mass reaches ``top_p`` and renormalised, drawn with the row's own `
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -169,7 +170,9 @@ class HFBackend:
         inputs["attention_mask"] = rows.mask(new_mask)
         logits = rows.forward(**inputs, logits_to_keep=1)
         index = torch.tensor(source, device=device)  # fork the shared rows
-        rows.fork(index, torch.tensor([p.past is None for p in prefills], device=device))
+        reads = Counter(source)
+        rows.fork(index, torch.tensor([p.past is None and reads[row] > 1 for row, p in enumerate(prefills)],
+                                      device=device))
         logits, next_pos = logits[index], next_pos[index]
 
         generators = [_generator(r.seed, device) for r in requests]
@@ -286,10 +289,10 @@ class _GroupRows:
             out = self.model(**inputs, past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1]
 
-    def fork(self, index: torch.Tensor, fresh: torch.Tensor) -> None:
-        """After the prefill: the rows without a prefix (``fresh``) become their groups' prefixes, then
-        each request reads row ``index[i]``."""
-        self.cache.promote(fresh)
+    def fork(self, index: torch.Tensor, shared: torch.Tensor) -> None:
+        """After the prefill: the rows that several requests read (``shared``: a group's first prompt) become
+        their groups' prefixes, then each request reads row ``index[i]``."""
+        self.cache.promote(shared)
         self.cache.batch_select_indices(index)
 
     def select(self, index: torch.Tensor) -> None:
@@ -315,7 +318,7 @@ class _PlainRows:
     def forward(self, **inputs: Any) -> torch.Tensor:
         return self.model(**inputs, past_key_values=self.cache, use_cache=True).logits[:, -1]
 
-    def fork(self, index: torch.Tensor, fresh: torch.Tensor) -> None:
+    def fork(self, index: torch.Tensor, shared: torch.Tensor) -> None:
         self.select(index)
 
     def select(self, index: torch.Tensor) -> None:

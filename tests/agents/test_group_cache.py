@@ -173,6 +173,23 @@ def test_rollouts_equal_plain_forwards_per_episode(tiny_agent, samples, env_id, 
     assert tiny_agent.model.config.text_config._attn_implementation == "sdpa"  # the trainer's, untouched
 
 
+@pytest.mark.parametrize("group", [3, 1])
+def test_a_group_shares_one_prefix_in_every_turn(tiny_agent, samples, group):
+    """After the last turn each episode's kept cache still reads its group's first prompt from one object
+    (a group of one row keeps everything as its own)."""
+    backend = HFBackend(tiny_agent.model, tiny_agent.adapter)
+    played = run_rollouts(backend, tiny_agent.adapter, samples[:2], group, "zoomgym/ZoomEnvMultiTurn-v0",
+                          SamplingParams(temperature=1.0, seed=5, max_new_tokens=6), env_kwargs={"max_turns": 3})
+    assert {t.num_turns for t in played} == {3} and len(backend._kept) == len(played)
+    prefixes = [kept.prefix for kept in backend._kept.values()]
+    if group == 1:
+        assert prefixes == [None, None]
+        return
+    assert len({id(p) for p in prefixes}) == 2 and all(prefixes.count(p) == group for p in prefixes)
+    for kept in backend._kept.values():
+        assert kept.prefix.length + kept.layers[0][0].shape[1] == len(kept.ids)
+
+
 def test_forced_turns_equal_plain_forwards(tiny_agent, samples, scripted):
     texts = ['```json\n[{"bbox_2d": [12, 20, 150, 100], "label": "a"}]\n```', "It is \\boxed{A}"]
     played = run_rollouts(scripted(texts), tiny_agent.adapter, samples, 2, "zoomgym/ZoomEnv-v0",
