@@ -9,7 +9,7 @@ and growing the cache by one token copies all of it. Here, per layer of the text
   left-padded to the longest (``prefix_valid (P, L_p)``); a row reads the prefix of its group ``g(b)``;
 * ``keys``/``values`` ``(B, H_kv, cap, d)``: each row's own tokens (what its conversation added after the
   prefix) in a preallocated buffer whose capacity doubles when full, every row writing the same columns
-  ``[0, length)``; ``valid (B, cap)`` marks which columns of a row hold a token (pads do not).
+  ``[0, length)``; ``valid (B, length)`` marks which columns of a row hold a token (pads do not).
 
 A decode step (one new token per row, where the time goes) attends to the two parts apart, each a
 softmax over its own keys, for a query ``q`` of row ``b``::
@@ -22,7 +22,9 @@ which is the softmax over the concatenated keys exactly (the log-sum-exp merge; 
 without a prefix), scores and sums in float32 at least. Part 1 batches the queries of a group's rows
 against its one prefix: one matrix product per group instead of one matrix-vector product per row.
 Grouped-query attention needs no ``repeat_kv``: the ``n_rep`` query heads of a key/value head are
-folded into the query dimension. A prefill chunk (many new tokens per row, causal among them) is a
+folded into the query dimension. Only a prompt that several rows read becomes a prefix (a group of one
+row keeps its tokens as its own), and a decode step whose groups all have one row (nothing to share)
+takes the fused kernel below. A prefill chunk (many new tokens per row, causal among them) is a
 matrix product per row already, so sharing would save little next to the fused kernel: it goes through
 ``scaled_dot_product_attention`` over the group's prefix gathered in front of the row's own columns,
 with one additive mask per forward. A pad of a chunk always sees its own column, so no row of scores

@@ -14,8 +14,9 @@ One turn of a batch:
    come from the model's own rope index over them alone, computed with the attention mask (pads get
    no positions), shifted by the kept prefix's next position; each text run and image of the rope
    index starts where the last one ended, so these are exactly the positions of the whole prompt;
-2. fork: a row without a kept prefix becomes its group's **shared prefix**, and each of its requests
-   reads it (`agents.backends.cascade`: stored once per group, never copied G ways);
+2. fork: a row that several requests read (a group's first prompt) becomes that group's **shared
+   prefix**, stored once and read by each of its requests (`agents.backends.cascade`), never copied G
+   ways; any other row keeps its tokens as its own;
 3. decode: row ``i``'s ``k``-th new token sits at text position ``next_pos[i] + k`` on all three M-RoPE
    axes, where ``next_pos[i] = max(prompt positions of row i) + 1``; rows that finish leave the batch
    and the cache.
