@@ -317,8 +317,12 @@ class GroupMask:
             rows = self.cache.group.clamp(min=0)
             key = torch.cat([layer.prefix_keys[rows], key], dim=2)
             value = torch.cat([layer.prefix_values[rows], value], dim=2)
+        gqa = _masked_gqa_kernel(query.device)
+        if not gqa and query.shape[1] != key.shape[1]:
+            rep = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
         out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=self.bias.to(query.dtype), scale=scaling, enable_gqa=True)
+            query, key, value, attn_mask=self.bias.to(query.dtype), scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2)
 
     def _decode(self, layer: GroupLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -360,6 +364,13 @@ def _part(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: tor
     top = scores.amax(dim=-1, keepdim=True)
     weights = scores.sub_(top).exp_()
     return top, weights.sum(dim=-1, keepdim=True), torch.matmul(weights.to(value.dtype), value).to(exact)
+
+
+def _masked_gqa_kernel(device: torch.device) -> bool:
+    """Whether SDPA's fused kernels on ``device`` take grouped-query heads with a mask: CPU's do; CUDA's would
+    fall back to the unfused kernel (as transformers' own sdpa path knows), so there the key/value heads
+    are repeated instead."""
+    return device.type == "cpu"
 
 
 def _left_padded(parts: Sequence[torch.Tensor | None], width: int) -> torch.Tensor | None:

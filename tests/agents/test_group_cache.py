@@ -81,6 +81,20 @@ def test_split_attention_equals_one_softmax_per_row(queries):
     assert (out - reference(query, rows, keys, values, new_valid)).abs().max() < 1e-12
 
 
+def test_the_repeated_heads_path_of_cuda_equals_grouped_heads(monkeypatch):
+    """CUDA repeats the key/value heads for the fused kernel (its masked GQA is unfused): the same outputs."""
+    import zoomgym.agents.backends.cascade as cascade
+
+    g = torch.Generator().manual_seed(7)
+    rows = [(random_prefix(3, g), random_own(2, g)), (None, random_own(4, g))]
+    new_valid = torch.tensor([[False, True, True], [True, True, True]])
+    for kernel in (True, False):
+        monkeypatch.setattr(cascade, "_masked_gqa_kernel", lambda device, kernel=kernel: kernel)
+        cache = GroupCache.for_prefill(rows, 1, torch.device("cpu"))
+        query, keys, values, out = attend(cache, 3, torch.Generator().manual_seed(8), new_valid)
+        assert (out - reference(query, rows, keys, values, new_valid)).abs().max() < 1e-12
+
+
 def test_other_groups_never_leak_in():
     g = torch.Generator().manual_seed(2)
     a, b = random_prefix(4, g), random_prefix(4, g)
