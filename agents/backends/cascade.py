@@ -289,6 +289,13 @@ class GroupMask:
         # The split pays where a group has rows to share its prefix; a chunk, or a batch of groups of one
         # row (nothing shared), takes the fused kernel.
         self.split = length - start == 1 and cache.group_size > 1
+        self.bias: torch.Tensor | None = None
+        self.causal = False
+        if not self.split and not cache.prefixes and (start == 0 or length - start == 1) and bool(cache.valid.all()):
+            # No pads and no prefix: a whole prompt is plainly causal, a decode step sees every column, so the
+            # kernel needs no mask (and skips the blocks above the diagonal).
+            self.causal = start == 0 and length > 1
+            return
         if length - start == 1:  # decode: the new token is valid and the last column
             own = cache.valid[:, None, :]
         else:  # valid own columns up to the token's own, and its own (a pad's too)
@@ -321,8 +328,9 @@ class GroupMask:
         if not gqa and query.shape[1] != key.shape[1]:
             rep = query.shape[1] // key.shape[1]
             key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+        mask = None if self.bias is None else self.bias.to(query.dtype)
         out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=self.bias.to(query.dtype), scale=scaling, enable_gqa=gqa)
+            query, key, value, attn_mask=mask, is_causal=self.causal, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2)
 
     def _decode(self, layer: GroupLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -279,3 +279,16 @@ def test_bf16_models_keep_their_dtype(tiny_model_dir, samples, monkeypatch):
     assert set(seen) == {torch.bfloat16} and all(t.num_turns == 2 for t in played)
     assert per_row_gap(agent, played, 1.0) < 0.03  # measured 3e-3
     assert all(kept.layers[0][0].dtype == torch.bfloat16 for kept in agent.backend._kept.values())
+
+
+@pytest.mark.parametrize("queries", [1, 5])
+def test_unpadded_rows_without_prefix_need_no_mask(queries):
+    """A whole unpadded prompt (causal) and a decode step over valid columns run the kernel unmasked."""
+    g = torch.Generator().manual_seed(9)
+    rows = [(None, None), (None, None)] if queries > 1 else [(None, random_own(3, g))] * 2
+    cache = GroupCache.for_prefill(rows, 1, torch.device("cpu"))
+    new_valid = torch.ones(2, queries, dtype=torch.bool)
+    query, keys, values, out = attend(cache, queries, g, new_valid)
+    mask = GroupCache.for_prefill(rows, 1, torch.device("cpu")).mask(new_valid)["full_attention"]
+    assert mask.bias is None and mask.causal == (queries > 1)
+    assert (out - reference(query, rows, keys, values, new_valid)).abs().max() < 1e-12
