@@ -34,7 +34,7 @@ Wiring, through transformers' own extension points: the cache is a ``transformer
 `GroupLayer`s (the attention modules call its ``update``); the text decoder receives the ready mask as
 ``attention_mask={"full_attention": GroupMask}`` (the model skips building its own); and `group_attention`
 switches only the text decoder's config to the attention function registered here as ``ATTENTION``, for
-one forward, restoring it in ``finally``. The vision tower, the training forward (`agents.scoring`) and
+the forwards of one generation batch, restoring it in ``finally``. The vision tower, the training forward (`agents.scoring`) and
 every other caller keep their attention implementation and numerics. Sliding-window layers are not
 supported (the hf backend keeps its plain ``DynamicCache`` path for such models).
 """

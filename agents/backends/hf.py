@@ -45,6 +45,7 @@ tokens whose mass reaches ``top_p`` and renormalised, drawn with the row's own `
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -168,73 +169,74 @@ class HFBackend:
         inputs["position_ids"] = inputs["position_ids"] + offset.view(1, -1, 1)  # pads too: they are masked
         inputs = with_image_features(self.model, inputs)
         rows = _PlainRows(self.model) if _has_sliding_layers(self.model) else _GroupRows(self.model, prefills, device)
-        inputs["attention_mask"] = rows.mask(new_mask)
-        logits = rows.forward(**inputs, logits_to_keep=1)
-        index = torch.tensor(source, device=device)  # fork the shared rows
-        reads = Counter(source)
-        rows.fork(index, torch.tensor([p.past is None and reads[row] > 1 for row, p in enumerate(prefills)],
-                                      device=device))
-        logits, next_pos = logits[index], next_pos[index]
+        with rows.attending():  # the text decoder's attention switched for this batch's forwards only
+            inputs["attention_mask"] = rows.mask(new_mask)
+            logits = rows.forward(**inputs, logits_to_keep=1)
+            index = torch.tensor(source, device=device)  # fork the shared rows
+            reads = Counter(source)
+            rows.fork(index, torch.tensor([p.past is None and reads[row] > 1 for row, p in enumerate(prefills)],
+                                          device=device))
+            logits, next_pos = logits[index], next_pos[index]
 
-        generators = [_generator(r.seed, device) for r in requests]
-        tokens: list[list[int]] = [[] for _ in requests]
-        logprobs: list[list[float]] = [[] for _ in requests]
-        reasons: list[str] = ["length"] * n
-        eos = set(sampling.stop_token_ids)
-        banned = placeholder_ids(self.adapter)
-        watchers = [
-            StopWatcher(sampling, lambda ids: decode_text(self.adapter, ids))
-            if has_stop_strings(sampling) and r.forced_ids is None
-            else None
-            for r in requests
-        ]
-        active = list(range(n))  # request index of each row still in the batch
-        step = 0
-        while active:
-            logp = next_token_logprobs(logits, sampling.logprob_temperature, banned)
-            new = sample_next(logp, sampling, [generators[i] for i in active])
-            for row, i in enumerate(active):
-                if requests[i].forced_ids is not None:
-                    new[row] = requests[i].forced_ids[step]
-            new_logp = logp.gather(-1, new[:, None])[:, 0].tolist()
-            keep: list[int] = []
-            for row, (i, tok) in enumerate(zip(active, new.tolist())):
-                forced = requests[i].forced_ids
-                tokens[i].append(tok)
-                logprobs[i].append(new_logp[row])
-                limit = requests[i].max_new_tokens if forced is None else min(len(forced), requests[i].max_new_tokens)
-                if tok in eos:
-                    reasons[i] = "eos"
-                elif watchers[i] is not None and watchers[i].add(tok):
-                    reasons[i] = "stop"
-                elif len(tokens[i]) < limit:
-                    keep.append(row)
-                    continue
-                if rows.keeps and requests[i].cache_key is not None:
-                    # The row holds the prompt and the `step` tokens fed so far (not the one just drawn).
-                    prefix, own = rows.cache.kept(row)
-                    self._kept[requests[i].cache_key] = _Kept(
-                        ids=[*requests[i].prompt_ids, *tokens[i][:-1]],
-                        images=list(requests[i].images),
-                        next_position=int(next_pos[row]) + step,
-                        prefix=prefix,
-                        layers=own,
-                    )
-            if not keep:
-                break
-            if len(keep) < len(active):
-                index = torch.tensor(keep, device=device)
-                rows.select(index)
-                next_pos, new = next_pos[index], new[index]
-                active = [active[row] for row in keep]
-            position_ids = (next_pos + step).view(1, -1, 1).expand(3, -1, -1)
-            logits = rows.forward(
-                input_ids=new[:, None],
-                attention_mask=rows.mask(torch.ones((len(active), 1), dtype=torch.long, device=device)),
-                position_ids=position_ids,
-            )
-            step += 1
-        return [Generation(t, lp, r) for t, lp, r in zip(tokens, logprobs, reasons)]  # type: ignore[arg-type]
+            generators = [_generator(r.seed, device) for r in requests]
+            tokens: list[list[int]] = [[] for _ in requests]
+            logprobs: list[list[float]] = [[] for _ in requests]
+            reasons: list[str] = ["length"] * n
+            eos = set(sampling.stop_token_ids)
+            banned = placeholder_ids(self.adapter)
+            watchers = [
+                StopWatcher(sampling, lambda ids: decode_text(self.adapter, ids))
+                if has_stop_strings(sampling) and r.forced_ids is None
+                else None
+                for r in requests
+            ]
+            active = list(range(n))  # request index of each row still in the batch
+            step = 0
+            while active:
+                logp = next_token_logprobs(logits, sampling.logprob_temperature, banned)
+                new = sample_next(logp, sampling, [generators[i] for i in active])
+                for row, i in enumerate(active):
+                    if requests[i].forced_ids is not None:
+                        new[row] = requests[i].forced_ids[step]
+                new_logp = logp.gather(-1, new[:, None])[:, 0].tolist()
+                keep: list[int] = []
+                for row, (i, tok) in enumerate(zip(active, new.tolist())):
+                    forced = requests[i].forced_ids
+                    tokens[i].append(tok)
+                    logprobs[i].append(new_logp[row])
+                    limit = requests[i].max_new_tokens if forced is None else min(len(forced), requests[i].max_new_tokens)
+                    if tok in eos:
+                        reasons[i] = "eos"
+                    elif watchers[i] is not None and watchers[i].add(tok):
+                        reasons[i] = "stop"
+                    elif len(tokens[i]) < limit:
+                        keep.append(row)
+                        continue
+                    if rows.keeps and requests[i].cache_key is not None:
+                        # The row holds the prompt and the `step` tokens fed so far (not the one just drawn).
+                        prefix, own = rows.cache.kept(row)
+                        self._kept[requests[i].cache_key] = _Kept(
+                            ids=[*requests[i].prompt_ids, *tokens[i][:-1]],
+                            images=list(requests[i].images),
+                            next_position=int(next_pos[row]) + step,
+                            prefix=prefix,
+                            layers=own,
+                        )
+                if not keep:
+                    break
+                if len(keep) < len(active):
+                    index = torch.tensor(keep, device=device)
+                    rows.select(index)
+                    next_pos, new = next_pos[index], new[index]
+                    active = [active[row] for row in keep]
+                position_ids = (next_pos + step).view(1, -1, 1).expand(3, -1, -1)
+                logits = rows.forward(
+                    input_ids=new[:, None],
+                    attention_mask=rows.mask(torch.ones((len(active), 1), dtype=torch.long, device=device)),
+                    position_ids=position_ids,
+                )
+                step += 1
+            return [Generation(t, lp, r) for t, lp, r in zip(tokens, logprobs, reasons)]  # type: ignore[arg-type]
 
     def load_weights(self, state_dict: Mapping[str, Any], version: int) -> None:
         """Copies the trainer's tensors into the model in place (a no-op copy when they are shared) and
@@ -284,11 +286,12 @@ class _GroupRows:
     def mask(self, new_valid: torch.Tensor) -> dict[str, Any]:
         return self.cache.mask(new_valid)
 
+    def attending(self) -> contextlib.AbstractContextManager[None]:
+        return group_attention(self.model)
+
     def forward(self, **inputs: Any) -> torch.Tensor:
-        """The last position's logits of a forward that extends the cache."""
-        with group_attention(self.model):
-            out = self.model(**inputs, past_key_values=self.cache, use_cache=True)
-        return out.logits[:, -1]
+        """The last position's logits of a forward that extends the cache (inside `attending`)."""
+        return self.model(**inputs, past_key_values=self.cache, use_cache=True).logits[:, -1]
 
     def fork(self, index: torch.Tensor, shared: torch.Tensor) -> None:
         """After the prefill: the rows that several requests read (``shared``: a group's first prompt) become
@@ -315,6 +318,9 @@ class _PlainRows:
         past = self.attention_mask
         self.attention_mask = new_valid if past is None else torch.cat([past, new_valid], dim=1)
         return self.attention_mask
+
+    def attending(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     def forward(self, **inputs: Any) -> torch.Tensor:
         return self.model(**inputs, past_key_values=self.cache, use_cache=True).logits[:, -1]
