@@ -147,3 +147,24 @@ def test_gradient_checkpointing_and_lora(tiny_agent, groups):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(0))
     assert_same_scores(lora, tiny_agent.adapter, batch)
+
+
+@pytest.mark.parametrize("whole_in_prefix", [True, False])
+def test_rows_that_share_nothing_in_either_pass(tiny_agent, groups, whole_in_prefix):
+    from zoomgym.agents.shared_prefix import _layout
+
+    batch = tiny_agent.collate([groups[0], groups[4], groups[1], groups[2]])
+    plan = plan_prefixes(batch, tiny_agent.adapter.image_pad_id)
+    assert [sorted(rows) for rows, _ in shared_groups(plan)] == [[0, 2, 3]]
+    (rows, p), = shared_groups(plan)
+    forced = _layout(plan.lengths, plan.image_runs, [(rows, p)], [1], whole_in_prefix)
+    assert (forced.source[1] >= 0) == whole_in_prefix and forced.remainder_rows == ([0, 2, 3] if whole_in_prefix
+                                                                                    else [0, 1, 2, 3])
+    single = PrefixPlan.single(plan.lengths, plan.image_runs)
+    logp, entropy, grads = scored(tiny_agent.model, tiny_agent.adapter, batch, single, grad=True)
+    logp_s, entropy_s, grads_s = scored(tiny_agent.model, tiny_agent.adapter, batch, forced, grad=True)
+    finite = torch.isfinite(logp)
+    assert torch.equal(finite, torch.isfinite(logp_s))
+    assert (logp[finite] - logp_s[finite]).abs().max() < TOL and (entropy - entropy_s).abs().max() < TOL
+    for name, g in grads.items():
+        assert (g - grads_s[name]).norm() <= GRAD_TOL * g.norm() + 1e-12, name
