@@ -25,6 +25,7 @@ from zoomgym.agents.backends import BACKENDS
 from zoomgym.agents.backends.base import Backend, GenerationRequest, SamplingParams, decode_text
 from zoomgym.agents.rollout import EnvSpec, ImageErrorHandler, run_rollouts
 from zoomgym.agents.scoring import token_logprobs
+from zoomgym.agents.shared_prefix import PrefixPlan
 from zoomgym.agents.trajectory import Trajectory, collate
 from zoomgym.agents.weights import merged_state_dict
 from zoomgym.envs import DEFAULT_ENV_ID, episode_spec
@@ -200,11 +201,12 @@ class LMMAgent:
         return collate(trajectories, self.adapter, self.model)
 
     def token_logprobs(
-        self, batch: Mapping[str, Any], with_entropy: bool = False, temperature: float = 1.0, *, model: Any = None
+        self, batch: Mapping[str, Any], with_entropy: bool = False, temperature: float = 1.0, *, model: Any = None,
+        plan: PrefixPlan | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`agents.scoring.token_logprobs` of a collated batch under ``model`` (default this agent's)."""
         return token_logprobs(self.model if model is None else model, self.adapter, batch,
-                              with_entropy=with_entropy, temperature=temperature)
+                              with_entropy=with_entropy, temperature=temperature, plan=plan)
 
     def sync_weights(self, version: int) -> None:
         """Pushes the training weights into the backend and stamps them ``version`` (the trainer's step).

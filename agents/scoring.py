@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from zoomgym.agents.backends.base import placeholder_ids
 from zoomgym.agents.models.unique_images import with_image_features
+from zoomgym.agents.shared_prefix import PrefixPlan, plan_prefixes, split_hidden_states
 from zoomgym.agents.trajectory import MODEL_INPUTS
 
 
@@ -67,6 +68,7 @@ def token_logprobs(
     *,
     with_entropy: bool = False,
     temperature: float = 1.0,
+    plan: PrefixPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of a collated batch under ``model`` (differentiable).
 
@@ -74,7 +76,9 @@ def token_logprobs(
     at ``t = 0`` and after a row's last attended token (placeholder ids excluded, exactly as at
     sampling); ``entropy[:, t]`` is the entropy of that same distribution. Use the sampling
     temperature (1 for greedy) so these match the rollout's ``sampling_logprobs``. Each distinct image
-    of the batch runs through the vision tower once (`agents.models.unique_images`).
+    of the batch runs through the vision tower once (`agents.models.unique_images`), and a prefix that
+    rows share (a group's prompt) runs through the language model once, its vocabulary head too
+    (`agents.shared_prefix`).
 
     Args:
         model: a Qwen-VL ``...ForConditionalGeneration`` (or a peft wrapper of it): the policy being
@@ -83,24 +87,47 @@ def token_logprobs(
         batch: from `agents.trajectory.collate`.
         with_entropy: also return the per-token entropy.
         temperature: ``T`` of the definition above.
+        plan: how the forward is split (`agents.shared_prefix.plan_prefixes`); default: planned here,
+            sharing what the batch shares.
 
     Returns:
         ``(logp (N, L), entropy (N, L) or None)``, float32, on the model's device.
     """
     device = next(model.parameters()).device
+    if plan is None:
+        plan = plan_prefixes(batch, adapter.image_pad_id)
     inputs = with_image_features(model, {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch})
-    hidden = model.model(**inputs, use_cache=False).last_hidden_state  # (N, L, H)
+    rest = plan.remainder_rows
+    if rest:
+        hidden, hidden_rest = split_hidden_states(model.model, inputs, plan, adapter.pad_id)
+    else:  # one forward of the whole rows
+        hidden, hidden_rest = model.model(**inputs, use_cache=False).last_hidden_state, None  # (N, L, H)
     input_ids = inputs["input_ids"]
     n, length = input_ids.shape
     logp = hidden.new_zeros((n, length), dtype=torch.float32)
     entropy = hidden.new_zeros((n, length), dtype=torch.float32) if with_entropy else None
     banned = placeholder_ids(adapter)
+
+    def score(states: torch.Tensor, rows: Sequence[int], start: int) -> None:
+        """Tokens ``start + 1 .. start + len(states)`` of ``rows`` from the hidden states before them.
+        One row of (positions, V) logits at a time bounds memory for 150K vocabularies."""
+        z = scaled_logits(model.lm_head(states), temperature, banned)
+        log_probs = torch.log_softmax(z, dim=-1)
+        stop = start + states.shape[0] + 1
+        entropies = entropy_from_logits(z) if entropy is not None else None
+        for i in rows:
+            logp[i, start + 1 : stop] = log_probs.gather(-1, input_ids[i, start + 1 : stop, None])[:, 0]
+            if entropy is not None:
+                entropy[i, start + 1 : stop] = entropies
+
     # Each row's logits up to its last attended token: the vocabulary head skips right padding (0 there).
-    attention_mask = inputs.get("attention_mask")
-    ends = [length] * n if attention_mask is None else (attention_mask.cumsum(-1).argmax(-1) + 1).tolist()
-    for i, end in enumerate(ends):  # one row of (L, V) logits at a time bounds memory for 150K vocabularies
-        z = scaled_logits(model.lm_head(hidden[i, : end - 1]), temperature, banned)  # (end - 1, V)
-        logp[i, 1:end] = torch.log_softmax(z, dim=-1).gather(-1, input_ids[i, 1:end, None])[:, 0]
-        if entropy is not None:
-            entropy[i, 1:end] = entropy_from_logits(z)
+    for g, (_, width) in enumerate(plan.prefix_rows):  # a shared prefix: its distributions once for its rows
+        rows = plan.members(g)
+        count = min(width, min(plan.lengths[i] for i in rows) - 1)  # a whole row has no token after its last
+        if count > 0:
+            score(hidden[g, :count], rows, 0)
+    for m, i in enumerate(rest):  # a row's remainder: tokens p_i + 1 .. L_i - 1
+        count = plan.lengths[i] - plan.shared[i] - 1
+        if count > 0:
+            score(hidden_rest[m, :count], [i], plan.shared[i])
     return logp, entropy

@@ -11,12 +11,12 @@ images after the first).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from zoomgym.agents.models.unique_images import unique_image_inputs
+from zoomgym.agents.models.unique_images import image_key, unique_image_inputs
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -96,32 +96,53 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_id
 `agents.models.unique_images.with_image_features` (pixels of each distinct image once)."""
 
 
-def length_sorted_batches(lengths: Sequence[int], size: int, indices: Sequence[int] | None = None) -> list[list[int]]:
-    """``indices`` (default all of ``lengths``) in batches of ``size``, shortest first.
+def prompt_key(trajectory: Trajectory) -> Hashable:
+    """What identifies an episode's first prompt, for `length_sorted_batches`: the ids before its first
+    sampled token and its first image's pixels (`agents.models.unique_images.image_key`). Episodes of
+    one key begin with the same prompt (the ``G`` rollouts of a group); batching by it is only a
+    matter of speed, since the forward finds what rows really share (`agents.shared_prefix`)."""
+    sampled = trajectory.loss_mask.nonzero()
+    first = int(sampled[0]) if sampled.numel() else trajectory.length
+    image = trajectory.images[0] if trajectory.images else None
+    return (trajectory.input_ids[:first].numpy().tobytes(),
+            image_key(image, image.tobytes()) if image is not None else None)
+
+
+def length_sorted_batches(lengths: Sequence[int], size: int, indices: Sequence[int] | None = None,
+                          keys: Sequence[Hashable] | None = None) -> list[list[int]]:
+    """``indices`` (default all of ``lengths``) in batches of at most ``size``, shortest first.
 
     A collated batch is as long as its longest sequence, so batching sequences of similar length
     leaves the least padding: with batches of a fixed size, the sorted split pads least. The sort
     is stable (ties keep their order), so the split is a function of the lengths and the order given.
 
+    With ``keys`` (e.g. `prompt_key`), episodes of one key stay together, so a forward can compute
+    their shared prompt once (`agents.shared_prefix`): each key's episodes, sorted by length, are cut
+    into units of at most ``size``; the units, sorted by their longest episode, fill the batches in
+    that order, a unit never split (a batch may then hold fewer than ``size``). Distinct keys give the
+    plain split.
+
     >>> length_sorted_batches([5, 1, 4, 1], 2)
     [[1, 3], [2, 0]]
+    >>> length_sorted_batches([5, 1, 4, 1, 3], 2, keys="abaab")
+    [[1, 4], [3, 2], [0]]
     """
     if size < 1:
         raise ValueError(f"Expects a batch size >= 1, actual: {size!r}")
     order = sorted(range(len(lengths)) if indices is None else indices, key=lambda i: lengths[i])
-    return [order[start : start + size] for start in range(0, len(order), size)]
-
-
-def padding_ratio(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
-    """Share of the token positions of ``batches``' collated forwards that are padding:
-    ``1 - sum_i L_i / sum_b n_b max_(i in b) L_i`` (0 for no tokens).
-
-    >>> padding_ratio([5, 1, 4, 1], [[0, 1], [2, 3]])
-    0.5
-    """
-    positions = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches if batch)
-    tokens = sum(lengths[i] for batch in batches for i in batch)
-    return 1.0 - tokens / positions if positions else 0.0
+    if keys is None:
+        return [order[start : start + size] for start in range(0, len(order), size)]
+    by_key: dict[Hashable, list[int]] = {}
+    for i in order:
+        by_key.setdefault(keys[i], []).append(i)
+    units = [rows[start : start + size] for rows in by_key.values() for start in range(0, len(rows), size)]
+    batches: list[list[int]] = []
+    for unit in sorted(units, key=lambda unit: lengths[unit[-1]]):
+        if batches and len(batches[-1]) + len(unit) <= size:
+            batches[-1] += unit
+        else:
+            batches.append(list(unit))
+    return batches
 
 
 def collate(trajectories: Sequence[Trajectory], adapter: Any, model: Any) -> dict[str, Any]:

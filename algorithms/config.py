@@ -242,6 +242,9 @@ class TrainerConfig:
     """Prompts per optimizer step; B / mini_batch_prompts optimizer steps per epoch."""
     micro_batch_size: int = 8
     """Episodes per forward/backward pass (gradient accumulation inside a mini-batch)."""
+    share_prompts: bool = True
+    """Keep a prompt's episodes in one micro-batch and compute the prompt they share once per forward
+    (agents.shared_prefix; exact to float rounding); false runs every episode whole, batched by length only."""
     lr: float = 1e-6
     """AdamW learning rate."""
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"

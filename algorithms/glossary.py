@@ -133,9 +133,15 @@ GLOSSARY: tuple[Metric, ...] = (
     Metric(("perf/generated_tokens_per_s",), "`sum_i generated_tokens_i / time/generation_s`"),
     Metric(("perf/train_tokens_per_s",), "`ppo_epochs * sum_i L_i / time/training_s` (whole sequences, images "
            "included)"),
-    Metric(("perf/padding_ratio",), "share of the token positions of the PPO update's forwards that are padding, "
-           "`1 - sum_mb sum_(i in mb) L_i / sum_mb n_mb max_(i in mb) L_i` over every micro-batch `mb` of `n_mb` "
-           "episodes; each micro-batch holds episodes of similar length (sorted by length within the mini-batch)"),
+    Metric(("perf/padding_ratio",), "share of the token positions the PPO update's forwards compute that are "
+           "padding, `1 - sum tokens / sum positions` over every micro-batch: each micro-batch holds episodes of "
+           "similar length (sorted by length within the mini-batch, a prompt's episodes together) and runs as "
+           "one right-padded forward (`sum_mb n_mb max_(i in mb) L_i` positions) or, when its episodes share a "
+           "prompt, as a pass over the shared prefixes and one over the rest, each right-padded "
+           "(`agents/shared_prefix.py`)"),
+    Metric(("perf/computed_ratio",), "token positions the PPO update's forwards compute (padding included) over "
+           "those of one right-padded forward per micro-batch, `sum positions / sum_mb n_mb max_(i in mb) L_i`: "
+           "below 1 by the group prompts computed once, not once per episode (1 when nothing is shared)"),
     Metric(("sft/loss",), "`zoomgym sft`: token-mean cross-entropy of the step's assistant tokens, "
            "`-sum_it m_it logp_it / sum_it m_it`"),
     Metric(("sft/aux_loss", "sft/attention_loss"), "`zoomgym sft` with `sft.aux_weight` / `sft.attention_weight` > 0: "

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from zoomgym.agents.trajectory import length_sorted_batches
+from zoomgym.agents.shared_prefix import PrefixPlan, plan_prefixes
+from zoomgym.agents.trajectory import length_sorted_batches, prompt_key
 from zoomgym.algorithms import core, distributed, ppo
 from zoomgym.algorithms.build import Datasets, sampling_params
 from zoomgym.algorithms.config import Config
@@ -226,9 +227,21 @@ class GRPO(Trainer):
         """Whether the sampler's log-probs serve as old log-probs: its numerics are the trainer's."""
         return bool(self.agent.backend.logprobs_match_trainer)
 
-    def _logprobs(self, batch: dict[str, Any], model: Any, with_entropy: bool = False) -> Any:
+    def _logprobs(self, batch: dict[str, Any], model: Any, plan: PrefixPlan | None = None,
+                  with_entropy: bool = False) -> Any:
         return distributed.call_as_forward(model, self.agent.token_logprobs, batch, with_entropy=with_entropy,
-                                           temperature=self.logprob_temperature, model=model)
+                                           temperature=self.logprob_temperature, model=model, plan=plan)
+
+    def _plan(self, batch: dict[str, Any], *, update: bool = False) -> PrefixPlan:
+        """How a collated batch's forward runs: its shared prompts once (`agents.shared_prefix`).
+
+        Not in the update's forwards under torchrun: there FSDP2 all-gathers and reduce-scatters per decoder
+        layer and per forward, pairing them across ranks, and a split micro-batch runs every layer twice,
+        so ranks whose micro-batches split differently would deadlock (measured with 2 ranks). The
+        scoring forwards run on gathered weights (`distributed.gathered`, no collectives) and share."""
+        sharded_update = update and distributed.is_distributed()
+        return plan_prefixes(batch, self.agent.adapter.image_pad_id,
+                             share=self.cfg.trainer.share_prompts and not sharded_update)
 
     def make_batch(self, trajectories: Sequence[Trajectory], advantages: torch.Tensor,
                    masks: list[torch.Tensor]) -> ppo.PPOBatch:
@@ -241,29 +254,33 @@ class GRPO(Trainer):
             self.model.eval()
             # Gathered: the ranks hold different numbers of episodes, so of forwards.
             with torch.no_grad(), distributed.gathered(self.model, self.reference_model):
-                for micro in length_sorted_batches([t.length for t in trajectories], self.cfg.trainer.micro_batch_size):
+                keys = [prompt_key(t) for t in trajectories] if self.cfg.trainer.share_prompts else None
+                for micro in length_sorted_batches([t.length for t in trajectories], self.cfg.trainer.micro_batch_size,
+                                                   keys=keys):
                     batch = self.agent.collate([trajectories[i] for i in micro])
+                    plan = self._plan(batch)
                     if not reuse:
-                        logp, _ = self._logprobs(batch, self.model)
+                        logp, _ = self._logprobs(batch, self.model, plan)
                         for row, i in enumerate(micro):
                             old[i] = logp[row, : trajectories[i].length].float().cpu()
                     if need_ref:
-                        logp = self._reference_logprobs(batch)
+                        logp = self._reference_logprobs(batch, plan)
                         for row, i in enumerate(micro):
                             ref[i] = logp[row, : trajectories[i].length].float().cpu()
         return ppo.PPOBatch(trajectories, advantages, masks, old, ref if need_ref else None, old_is_sampler=reuse)
 
-    def _reference_logprobs(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _reference_logprobs(self, batch: dict[str, Any], plan: PrefixPlan | None = None) -> torch.Tensor:
         if self.peft_model is not None:
             with self.peft_model.disable_adapter():
-                return self._logprobs(batch, self.model)[0]
-        return self._logprobs(batch, self.reference_model)[0]
+                return self._logprobs(batch, self.model, plan)[0]
+        return self._logprobs(batch, self.reference_model, plan)[0]
 
-    def _score(self, trajectories: Sequence[Trajectory]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _score(self, trajectories: Sequence[Trajectory]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PrefixPlan]:
         """`algorithms.ppo.Score`: the policy's log-probs and entropies of a micro-batch, with gradients."""
         batch = self.agent.collate(trajectories)
-        logp, entropy = self._logprobs(batch, self.model, with_entropy=True)
-        return logp, entropy, batch["sampling_logprobs"]
+        plan = self._plan(batch, update=True)
+        logp, entropy = self._logprobs(batch, self.model, plan, with_entropy=True)
+        return logp, entropy, batch["sampling_logprobs"], plan
 
     def update(self, batch: ppo.PPOBatch) -> dict[str, float]:
         """`algorithms.ppo.update` of this step's batch on the trained model; returns its stats."""

@@ -8,7 +8,7 @@ model, the optimizer and the scheduler it is given::
         shuffle the N episodes (one seed per epoch) and split them into `minibatches` mini-batches
         for each mini-batch:
             denominator = the loss aggregation's count over the whole mini-batch (core.agg_denominator)
-            for each micro-batch of `micro_batch_size` episodes of similar length:
+            for each micro-batch of <= `micro_batch_size` episodes of similar length, a prompt's together:
                 logp, entropy = score(micro-batch)                       forward, with gradients
                 loss = policy_loss(logp, old, A, mask)                   core.POLICY_LOSSES[policy_loss]
                        + kl_coef * agg(KL(logp, ref))                    when there is a reference
@@ -18,9 +18,12 @@ model, the optimizer and the scheduler it is given::
 
 Each micro-batch's loss is divided by its mini-batch's aggregation count, so the accumulated gradient
 is exactly that of one loss over the whole mini-batch, whatever the micro-batch size (tested). So the
-micro-batches can hold the mini-batch's episodes sorted by length (`agents.trajectory.length_sorted_batches`):
-each forward is padded only to the longest of episodes of similar length, and only the order in which
-the gradient accumulates changes (float rounding). ``perf/padding_ratio`` is the padding that is left.
+micro-batches can hold the mini-batch's episodes sorted by length, the episodes of one prompt together
+(`agents.trajectory.length_sorted_batches` by `agents.trajectory.prompt_key`): each forward is padded
+only to the longest of episodes of similar length and computes a group's shared prompt once
+(`agents.shared_prefix`), and only the order in which the gradient accumulates changes (float
+rounding). ``perf/padding_ratio`` is the padding that is left, ``perf/computed_ratio`` what the shared
+prompts save (`forward_stats`).
 
 Under torchrun each rank holds its share of the episodes (`algorithms.distributed`): the shuffle is of
 the global batch (the same seed on every rank), each rank trains the episodes of each mini-batch that it
@@ -41,16 +44,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from zoomgym.agents.trajectory import length_sorted_batches, padding_ratio
+from zoomgym.agents.trajectory import length_sorted_batches, prompt_key
 from zoomgym.algorithms import core, distributed
 
 if TYPE_CHECKING:
+    from zoomgym.agents.shared_prefix import PrefixPlan
     from zoomgym.agents.trajectory import Trajectory
     from zoomgym.algorithms.config import Config
 
-Score = Callable[[Sequence["Trajectory"]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-"""``score(trajectories) -> (logp, entropy, sampler_logp)``, each ``(n, L)``: the policy's log-probs and
-entropies of a micro-batch (with gradients) and the sampler's log-probs of the same tokens."""
+Score = Callable[[Sequence["Trajectory"]], tuple[torch.Tensor, torch.Tensor, torch.Tensor, "PrefixPlan"]]
+"""``score(trajectories) -> (logp, entropy, sampler_logp, plan)``, the first three ``(n, L)``: the policy's
+log-probs and entropies of a micro-batch (with gradients), the sampler's log-probs of the same tokens,
+and how the forward ran (`agents.shared_prefix.PrefixPlan`: the token positions it computed)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class PPOSettings:
     epochs: int
     minibatches: int
     micro_batch_size: int
+    share_prompts: bool
     policy_loss: str
     clip_low: float
     clip_high: float
@@ -77,7 +83,7 @@ class PPOSettings:
         a, t = cfg.algorithm, cfg.trainer
         return cls(
             epochs=a.ppo_epochs, minibatches=t.prompts_per_step // t.mini_batch_prompts,
-            micro_batch_size=t.micro_batch_size, policy_loss=a.policy_loss, clip_low=a.clip_low,
+            micro_batch_size=t.micro_batch_size, share_prompts=t.share_prompts, policy_loss=a.policy_loss, clip_low=a.clip_low,
             clip_high=a.clip_high, clip_ratio_c=a.clip_ratio_c, loss_agg=a.loss_agg,
             # Dr.GRPO divides by a constant length, the per-turn generation cap, not by this batch's padding.
             norm_length=float(cfg.rollout.max_new_tokens), kl_coef=a.kl_coef, kl_kind=a.kl_kind,
@@ -136,17 +142,18 @@ def micro_batch_loss(
     denominator: torch.Tensor,
     measure_gap: bool,
     zero_weight: bool = False,
-) -> tuple[dict[str, float], dict[str, Any], float]:
+) -> tuple[dict[str, float], dict[str, Any], float, PrefixPlan]:
     """Forward and backward of one micro-batch (the episodes ``micro`` of ``batch``).
 
     ``zero_weight``: a pass whose loss mask is all zero (its gradient is exactly 0), for a rank that has
     run out of episodes in a mini-batch while other ranks still train (module docstring).
 
     Returns:
-        (its shares of the mini-batch's loss terms, token-mean stats, its number of loss tokens).
+        (its shares of the mini-batch's loss terms, token-mean stats, its number of loss tokens, the
+        forward's plan).
     """
     s = settings
-    logp, entropy, sampler = score([batch.trajectories[i] for i in micro])  # (n, L) each
+    logp, entropy, sampler, plan = score([batch.trajectories[i] for i in micro])  # (n, L) each
     device, length = logp.device, logp.shape[1]
     mask = right_pad([batch.masks[i] for i in micro], length, device)  # (n, L)
     if zero_weight:
@@ -182,7 +189,7 @@ def micro_batch_loss(
     stats["actor/entropy"] = core.masked_mean(entropy.detach(), mask)
     if measure_gap:
         stats.update(core.logprob_gap_stats((logp.detach() if batch.old_is_sampler else old), sampler, mask))
-    return parts, stats, float(mask.sum())
+    return parts, stats, float(mask.sum()), plan
 
 
 def update(
@@ -208,14 +215,15 @@ def update(
     Returns:
         Token-weighted means of the loss stats over the step (``actor/clipfrac``, ``actor/entropy``,
         ``rollout/logprob_gap_*``, ...), per-mini-batch means of the loss terms and the gradient norm,
-        ``actor/grad_norm_max`` and ``perf/padding_ratio`` (of every micro-batch forward).
+        ``actor/grad_norm_max``, ``perf/padding_ratio`` and ``perf/computed_ratio`` (`forward_stats`).
     """
     s = settings
     if len(epoch_seeds) != s.epochs:
         raise ValueError(f"Expects one seed per epoch ({s.epochs}), actual: {len(epoch_seeds)}")
     params = [p for p in model.parameters() if p.requires_grad]
     lengths = [t.length for t in batch.trajectories]
-    forwards: list[list[int]] = []  # every micro-batch of the update, for its padding
+    prompts = [prompt_key(t) for t in batch.trajectories] if s.share_prompts else None
+    forwards: list[PrefixPlan] = []  # every micro-batch forward of the update, for its positions
     token_stats = _Average()  # token-weighted means over the whole step (clip fractions, entropy, gap)
     losses: dict[str, list[float]] = defaultdict(list)  # one value per mini-batch
     shard = distributed.batch_shard(len(batch))  # this rank's episodes in the global batch (all of it in one process)
@@ -231,24 +239,23 @@ def update(
             optimizer.zero_grad(set_to_none=True)
             model.train()
             mb_losses: dict[str, float] = defaultdict(float)
-            micros = length_sorted_batches(lengths, s.micro_batch_size, minibatch.tolist())
+            micros = length_sorted_batches(lengths, s.micro_batch_size, minibatch.tolist(), keys=prompts)
             for index in range(distributed.all_max(len(micros))):
                 zero_weight = index >= len(micros)
                 if zero_weight and len(batch) == 0:
                     raise RuntimeError(f"Expects every rank to hold episodes of the step, actual: rank "
                                        f"{distributed.rank()} has none (all of its groups were skipped)")
                 micro = [0] if zero_weight else micros[index]
-                if not zero_weight:
-                    forwards.append(micro)
                 # Sampler vs trainer log-probs: recomputed old log-probs cover every token; the sampler's own
                 # are compared with the first mini-batch's forward, whose weights are still those that sampled.
                 measure_gap = epoch == 0 and (mb_index == 0 or not batch.old_is_sampler) and not zero_weight
-                parts, stats, tokens = micro_batch_loss(batch, micro, score, s, denominator, measure_gap,
-                                                        zero_weight=zero_weight)
+                parts, stats, tokens, plan = micro_batch_loss(batch, micro, score, s, denominator, measure_gap,
+                                                              zero_weight=zero_weight)
                 for key, value in parts.items():  # 0 from a zero-weight pass: every rank sums the same keys
                     mb_losses[key] += value
                 if not zero_weight:
                     token_stats.add(stats, tokens)
+                    forwards.append(plan)
             grad_clip = s.grad_clip if s.grad_clip > 0 else float("inf")
             losses["actor/grad_norm"].append(distributed.full_norm(torch.nn.utils.clip_grad_norm_(params, grad_clip)))
             optimizer.step()
@@ -260,8 +267,21 @@ def update(
     out = token_stats.result()
     out.update({key: float(np.mean(values)) for key, values in losses.items()})
     out["actor/grad_norm_max"] = float(np.max(losses["actor/grad_norm"]))
-    out["perf/padding_ratio"] = padding_ratio(lengths, forwards)
+    out.update(forward_stats(forwards))
     return out
+
+
+def forward_stats(plans: Sequence[PrefixPlan]) -> dict[str, float]:
+    """The token positions of an update's forwards: ``perf/padding_ratio``, the share of those computed
+    that are padding, ``1 - sum tokens / sum positions``, and ``perf/computed_ratio``, those computed over
+    those one right-padded forward per micro-batch would compute, ``sum positions / sum n_mb max L_i``
+    (below 1 by the prompts computed once, `agents.shared_prefix`); 0 and 1 for no forwards."""
+    # Every rank's forwards (the same collective on every rank: each runs the update).
+    positions = distributed.all_sum(sum(plan.positions for plan in plans))
+    single = distributed.all_sum(sum(plan.single_positions for plan in plans))
+    tokens = distributed.all_sum(sum(plan.tokens for plan in plans))
+    return {"perf/padding_ratio": 1.0 - tokens / positions if positions else 0.0,
+            "perf/computed_ratio": positions / single if single else 1.0}
 
 
 class _Average:

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from zoomgym.agents.backends.base import GenerationRequest, SamplingParams, decode_text
 from zoomgym.agents.scoring import token_logprobs
+from zoomgym.agents.shared_prefix import plan_prefixes
 from zoomgym.agents.trajectory import Trajectory, length_sorted_batches
 from zoomgym.algorithms.build import Datasets
 from zoomgym.algorithms.checkpoint import load_trainer_state
@@ -164,12 +165,14 @@ extra training terms computed from the same forward (SFT's token heads and atten
 
 def teacher_forcing_step(agent: Any, examples: Sequence[Trajectory], optimizer: torch.optim.Optimizer, *,
                          micro_batch_size: int, grad_clip: float, scaffold: ScaffoldLosses | None = None,
-                         scaffold_weights: Mapping[str, float] | None = None) -> dict[str, float]:
+                         scaffold_weights: Mapping[str, float] | None = None, share_prompts: bool = True) -> dict[str, float]:
     """One optimizer step of teacher forcing on ``examples``: the one training step of every supervised
     run (``zoomgym sft``, the format warm-up).
 
-    The examples are cut into micro-batches of ``micro_batch_size`` of similar length (little padding);
-    gradients accumulate so the step minimises, whatever the cut,
+    The examples are cut into micro-batches of ``micro_batch_size`` of similar length (little padding),
+    each one forward that computes a prefix its rows share once (``share_prompts``, `agents.shared_prefix`;
+    not with a ``scaffold``, which reads whole rows' hidden states); gradients accumulate so the step minimises,
+    whatever the cut,
 
         reply_loss over all examples (token mean)  +  sum_k w_k * mean over examples of scaffold term k
 
@@ -186,7 +189,10 @@ def teacher_forcing_step(agent: Any, examples: Sequence[Trajectory], optimizer: 
     optimizer.zero_grad(set_to_none=True)
     for part in length_sorted_batches([e.length for e in examples], micro_batch_size):
         batch = agent.collate([examples[i] for i in part])
-        logp, _ = token_logprobs(agent.model, agent.adapter, batch)
+        # A scaffold reads the forward's hidden states and attention weights of whole rows (hooks on the
+        # layers): only without one may rows that share a prefix run it once (agents.shared_prefix).
+        plan = plan_prefixes(batch, agent.adapter.image_pad_id, share=share_prompts and scaffold is None)
+        logp, _ = token_logprobs(agent.model, agent.adapter, batch, plan=plan)
         # Token mean over the whole step for the reply loss, example mean for the scaffold terms.
         text_share = sum(examples[i].response_length for i in part) / total_tokens
         loss = text_share * reply_loss(logp, batch["loss_mask"])
@@ -316,7 +322,9 @@ class SFT(Trainer):
             metrics = teacher_forcing_step(
                 self.agent, examples, self.optimizer, micro_batch_size=self.cfg.trainer.micro_batch_size,
                 grad_clip=self.cfg.trainer.grad_clip,
-                scaffold=lambda part, batch, logp: self._scaffold_losses([chats[i] for i in part], batch, logp),
+                scaffold=(lambda part, batch, logp: self._scaffold_losses([chats[i] for i in part], batch, logp))
+                if self.token_heads is not None or s.attention_weight > 0 else None,
+                share_prompts=self.cfg.trainer.share_prompts,
                 scaffold_weights={"sft/aux_loss": s.aux_weight, "sft/attention_loss": s.attention_weight})
         finally:
             self._use_eager_attention(attention)

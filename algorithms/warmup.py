@@ -83,7 +83,11 @@ def format_warmup(agent: Any, samples: Sequence[Any], env_fn: Callable[[Any], An
         trajectories = scripted_episodes(agent, picked, env_fn, int(rng.integers(2**31)), backend, on_image_error)
         if not trajectories:
             continue
-        stats = teacher_forcing_step(agent, trajectories, optimizer, micro_batch_size=config.batch_size, grad_clip=1.0)
+        # Whole rows: one episode per drawn sample, so a batch rarely shares a prompt, and a split would save
+        # little but change the rounding the warmed-up tiny policy's letter depends on (it collapses to one
+        # letter; tests/algorithms/test_learning.py's positive control starts from that letter).
+        stats = teacher_forcing_step(agent, trajectories, optimizer, micro_batch_size=config.batch_size, grad_clip=1.0,
+                                     share_prompts=False)
         losses.append(stats["sft/loss"])
         if step == 0 or (step + 1) % 10 == 0:
             print(f"format warm-up {step + 1}/{config.steps}: token NLL {losses[-1]:.3f}", flush=True)

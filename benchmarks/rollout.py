@@ -12,8 +12,10 @@ temperature 1 with a seed, and reports episodes/s and generated (model-sampled) 
   reference log-probs with a micro-batch of N);
 * ``train``: forward and backward of one shuffled mini-batch of the N episodes in micro-batches of
   ``--micro-batch-size``, split as the checkout's PPO update splits them (by length where it has
-  `agents.trajectory.length_sorted_batches`, else in the shuffled order), and the padding share of
-  those forwards.
+  `agents.trajectory.length_sorted_batches`, a prompt's episodes together where it has
+  `agents.trajectory.prompt_key`, else in the shuffled order), and the padding share of one
+  right-padded forward per micro-batch (a checkout that computes shared prompts once computes fewer
+  positions: its update's ``perf/computed_ratio``).
 
 ``--baseline REF`` runs the same measurements with the code of git ``REF`` too (exported by
 `baseline.export_ref`, checked to be what the worker imports), each variant in a fresh process,
@@ -70,13 +72,18 @@ def measure(agent: LMMAgent, samples: list, group_size: int, sampling: SamplingP
     return time.perf_counter() - start, trajectories
 
 
-def _micro_batches(lengths: list[int], order: list[int], size: int) -> list[list[int]]:
+def _micro_batches(trajectories: list, order: list[int], size: int) -> list[list[int]]:
     """The PPO update's split of a mini-batch in ``order`` (the checkout's own rule)."""
+    lengths = [t.length for t in trajectories]
     try:
         from zoomgym.agents.trajectory import length_sorted_batches
     except ImportError:  # code from before length-sorted micro-batches
         return [order[start : start + size] for start in range(0, len(order), size)]
-    return length_sorted_batches(lengths, size, order)
+    try:
+        from zoomgym.agents.trajectory import prompt_key
+    except ImportError:  # code from before a prompt's episodes were kept together
+        return length_sorted_batches(lengths, size, order)
+    return length_sorted_batches(lengths, size, order, keys=[prompt_key(t) for t in trajectories])
 
 
 def measure_training(agent: LMMAgent, trajectories: list, micro_batch_size: int) -> dict[str, float]:
@@ -87,7 +94,7 @@ def measure_training(agent: LMMAgent, trajectories: list, micro_batch_size: int)
     out = {"score (s)": time.perf_counter() - start}
     lengths = [t.length for t in trajectories]
     order = np.random.default_rng(0).permutation(len(trajectories)).tolist()
-    micro_batches = _micro_batches(lengths, order, micro_batch_size)
+    micro_batches = _micro_batches(trajectories, order, micro_batch_size)
     agent.model.train()
     start = time.perf_counter()
     for micro in micro_batches:

@@ -61,23 +61,41 @@ def test_collate_rejects_grids_that_disagree_with_the_images(tiny_agent, samples
         tiny_agent.collate([traj])
 
 
+def padding(lengths: list[int], batches: list[list[int]]) -> float:
+    """Share of the positions of one right-padded forward per batch that are padding."""
+    positions = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+    return 1 - sum(lengths[i] for batch in batches for i in batch) / positions
+
+
 def test_length_sorted_batches_pad_least():
-    from zoomgym.agents.trajectory import length_sorted_batches, padding_ratio
+    from zoomgym.agents.trajectory import length_sorted_batches
 
     lengths = [30, 10, 31, 12, 29, 11]
     sorted_split = length_sorted_batches(lengths, 2)
     assert sorted_split == [[1, 5], [3, 4], [0, 2]]
     # 1 - 123 / (2 * (11 + 29 + 31)) = 1 - 123 / 142
-    assert padding_ratio(lengths, sorted_split) == pytest.approx(19 / 142)
-    in_order = [[0, 1], [2, 3], [4, 5]]
-    assert padding_ratio(lengths, in_order) == pytest.approx(1 - 123 / 180)
+    assert padding(lengths, sorted_split) == pytest.approx(19 / 142)
     # A subset keeps its members (ties in the order given); every split of fixed size pads at least as much.
     assert length_sorted_batches(lengths, 4, [5, 0, 1]) == [[1, 5, 0]]
     assert length_sorted_batches([3, 3, 3], 2, [2, 0, 1]) == [[2, 0], [1]]
     rng = np.random.default_rng(0)
     for _ in range(20):
         order = rng.permutation(6).tolist()
-        assert padding_ratio(lengths, sorted_split) <= padding_ratio(lengths, [order[:2], order[2:4], order[4:]])
+        assert padding(lengths, sorted_split) <= padding(lengths, [order[:2], order[2:4], order[4:]])
     with pytest.raises(ValueError, match="batch size"):
         length_sorted_batches(lengths, 0)
-    assert padding_ratio([], []) == 0.0
+    # Distinct keys: the plain split.
+    assert length_sorted_batches(lengths, 2, keys=range(6)) == sorted_split
+
+
+def test_length_sorted_batches_keep_a_prompt_together():
+    from zoomgym.agents.trajectory import length_sorted_batches
+
+    lengths = [30, 10, 31, 12, 29, 11, 20, 21]
+    keys = ["a", "b", "a", "b", "a", "b", "c", "c"]
+    # Whole groups where they fit, groups of similar length together, each group sorted by length.
+    assert length_sorted_batches(lengths, 3, keys=keys) == [[1, 5, 3], [6, 7], [4, 0, 2]]
+    assert length_sorted_batches(lengths, 5, keys=keys) == [[1, 5, 3, 6, 7], [4, 0, 2]]
+    # A group larger than a batch is cut into length-sorted pieces; no batch mixes in a piece of another.
+    assert length_sorted_batches(lengths, 2, keys=keys) == [[1, 5], [3], [6, 7], [4, 0], [2]]
+    assert length_sorted_batches(lengths, 2, [0, 2, 4], keys=keys) == [[4, 0], [2]]

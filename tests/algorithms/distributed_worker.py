@@ -41,15 +41,18 @@ ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5, -1.0, 1.0, 0.25, -0.75])
 
 
 CASES = {"mgpo": ["algorithm.name=mgpo"], "grpo": ["algorithm.name=grpo"],
-         "grpo-seq-mean-token-mean": ["algorithm.name=grpo", "algorithm.loss_agg=seq-mean-token-mean"]}
-"""The fixed-batch updates compared: both algorithms (token-mean), and a sequence-mean aggregation."""
+         "grpo-seq-mean-token-mean": ["algorithm.name=grpo", "algorithm.loss_agg=seq-mean-token-mean"],
+         "mgpo-shared-prompts": ["algorithm.name=mgpo", "trainer.micro_batch_size=4"]}
+"""The fixed-batch updates compared: both algorithms (token-mean), a sequence-mean aggregation, and
+micro-batches of whole groups: the scoring forwards (old and reference log-probs, on gathered weights) run
+each group's prompt once (`agents.shared_prefix`); the sharded update's run whole rows (`GRPO._plan`)."""
 
 
 def fixed_batch_update(model_dir: Path, run_dir: Path, case: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """One `GRPO.update` of a fixed batch: every rank samples the whole batch (the same episodes: full
     weights, the same seeds), keeps its whole groups, scores them (reference log-probs for the KL term) and
     updates. Returns (the update's stats, the full updated weights; on ranks > 0 an empty dict)."""
-    cfg = tiny_run_config(model_dir, run_dir, *CASES[case], *UPDATE)
+    cfg = tiny_run_config(model_dir, run_dir, *UPDATE, *CASES[case])
     algo = algorithms.make(cfg.algorithm.name, agent=build_agent(cfg), config=cfg)
     samples = algo.train_samples[: cfg.trainer.prompts_per_step]
     everything = algo.rollout(samples, cfg.rollout.group_size, greedy=False, seed=0)

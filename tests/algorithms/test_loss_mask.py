@@ -131,10 +131,12 @@ def test_micro_batches_accumulate_to_the_mini_batch_gradient(multi_turn: tuple[M
 
 
 def test_update_splits_mini_batches_by_length_and_reports_the_padding(multi_turn: tuple[MGPO, list]) -> None:
-    """Length-sorted micro-batches pad least and step like one forward over the mini-batch."""
+    """Micro-batches of whole groups, sorted by length, compute each group's prompt once, report the
+    positions computed, and step like one forward over the mini-batch."""
     import copy
 
-    from zoomgym.agents.trajectory import length_sorted_batches, padding_ratio
+    from zoomgym.agents.shared_prefix import plan_prefixes
+    from zoomgym.agents.trajectory import length_sorted_batches, prompt_key
     from zoomgym.algorithms import ppo
 
     algo, trajectories = multi_turn
@@ -159,14 +161,32 @@ def test_update_splits_mini_batches_by_length_and_reports_the_padding(multi_turn
 
     split, split_weights = update(2)  # weight changes of one optimizer step
     whole, whole_weights = update(4)
-    assert split["perf/padding_ratio"] == pytest.approx(padding_ratio(lengths, length_sorted_batches(lengths, 2)))
-    assert split["perf/padding_ratio"] <= padding_ratio(lengths, [[0, 1], [2, 3]]) + 1e-12
-    assert split["perf/padding_ratio"] <= whole["perf/padding_ratio"]
-    assert whole["perf/padding_ratio"] == pytest.approx(padding_ratio(lengths, [[0, 1, 2, 3]]))
+    micros = length_sorted_batches(lengths, 2, keys=[prompt_key(t) for t in trajectories])
+    assert sorted(map(sorted, micros)) == [[0, 1], [2, 3]]  # one group each (2 prompts x G = 2)
+    plans = [plan_prefixes(algo.agent.collate([trajectories[i] for i in micro]), algo.agent.adapter.image_pad_id)
+             for micro in micros]
+    assert split == {**split, **ppo.forward_stats(plans)}
+    assert split["perf/computed_ratio"] < 1  # the prompts ran once per group
+    positions = sum(p.positions for p in plans)
+    assert split["perf/padding_ratio"] == pytest.approx(1 - sum(p.tokens for p in plans) / positions)
+    assert split["perf/computed_ratio"] == pytest.approx(positions / sum(2 * max(p.lengths) for p in plans))
+    assert split["perf/computed_ratio"] * sum(2 * max(p.lengths) for p in plans) < 4 * max(lengths)
+    algo.cfg.trainer.share_prompts = False  # every episode whole, micro-batches by length alone
+    try:
+        plain, plain_weights = update(2)
+    finally:
+        algo.cfg.trainer.share_prompts = True
+    by_length = length_sorted_batches(lengths, 2)
+    positions = sum(len(micro) * max(lengths[i] for i in micro) for micro in by_length)
+    assert plain["perf/computed_ratio"] == 1
+    assert plain["perf/padding_ratio"] == pytest.approx(1 - sum(lengths) / positions)
+    torch.testing.assert_close(torch.tensor(plain["actor/grad_norm"]), torch.tensor(split["actor/grad_norm"]),
+                               rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(split["actor/grad_norm"]), torch.tensor(whole["actor/grad_norm"]),
                                rtol=1e-5, atol=0)
     # The weight changes agree; AdamW divides each gradient by its own size, so an element whose gradient
     # is float noise may move apart by about lr: compare the whole change, not each element.
     change = torch.cat([b.flatten() for b in whole_weights])
     assert float(change.norm()) > 0
-    assert float((torch.cat([a.flatten() for a in split_weights]) - change).norm()) <= 1e-4 * float(change.norm())
+    for weights in (split_weights, plain_weights):
+        assert float((torch.cat([a.flatten() for a in weights]) - change).norm()) <= 1e-4 * float(change.norm())
