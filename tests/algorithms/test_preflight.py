@@ -152,11 +152,14 @@ def test_a_cpu_run_is_never_refused(tiny_config: Callable[..., Config]) -> None:
 def test_estimate_within_30_percent_of_a_measured_step(tiny_config: Callable[..., Config],
                                                        options: tuple[str, ...]) -> None:
     """The tiny model's second MGPO step (AdamW states exist, gradients kept from the first), measured
-    through torch's CPU allocator (`preflight.measure_peak`), against the estimate of its config."""
+    through torch's CPU allocator (`preflight.measure_peak`), against the estimate of its config.
+
+    Measured with whole rows (``trainer.share_prompts=false``): the estimate is of the worst case, in
+    which no two episodes of a micro-batch share their prompt; sharing only computes less."""
     from zoomgym.algorithms.build import build_agent
 
     cfg = tiny_config("algorithm.name=mgpo", "trainer.mini_batch_prompts=2", "trainer.val_before_train=false",
-                      "data.val=[]", *options)
+                      "data.val=[]", "trainer.share_prompts=false", *options)
     algo = algorithms.make("mgpo", agent=build_agent(cfg), config=cfg)
     _, first = algo.train_step()
     algo.step += 1
